@@ -1,0 +1,184 @@
+"""WebDataset shards: writing them (`mim shards`) and finding them again (`ShardSet`).
+
+Layout: NAME-000000.tar ... plus _info.json (split name, shard list with sample counts, classes,
+and a `splits` entry in the form timm's WebDataset reader reads). Each sample is
+`<key>.<ext>` (original encoded bytes) and `<key>.cls` (the integer label, when known).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tarfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+import webdataset as wds
+
+from mim.data.sources import Record, Source
+
+log = logging.getLogger(__name__)
+INFO_FILE = "_info.json"
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    urls: list[str]
+    lengths: list[int] | None  # samples per shard, when known
+    classes: list[str]
+
+    @property
+    def num_samples(self) -> int | None:
+        return sum(self.lengths) if self.lengths is not None else None
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _shard_plan(num_records: int, shard_size: int, seed: int | None) -> list[list[int]]:
+    order = list(range(num_records))
+    if seed is not None:  # mixed classes in every shard; the same files in the same shards each time
+        random.Random(seed).shuffle(order)
+    return [order[start : start + shard_size] for start in range(0, num_records, shard_size)]
+
+
+def _write_one_shard(path: Path, records: list[Record], indices: list[int]) -> int:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as stream:
+        writer = wds.TarWriter(stream, encoder=False)
+        for index in indices:
+            record = records[index]
+            payload, extension = record.read()
+            sample = {"__key__": f"{index:09d}", extension: payload}
+            if record.label is not None:
+                sample["cls"] = str(record.label).encode()
+            writer.write(sample)
+        writer.close()
+    temporary.replace(path)  # a shard under its final name is always complete
+    return len(indices)
+
+
+def write_shards(
+    source: Source,
+    out_dir: Path,
+    name: str = "train",
+    shard_size: int = 1000,
+    shuffle_seed: int | None = 0,
+    num_writers: int = 4,
+    on_shard_done: Callable[[int], None] = lambda num: None,
+) -> Path:
+    """Writes `source` as shards into `out_dir` and returns the _info.json path. Shards already
+    present under their final name are kept, so an interrupted run picks up where it stopped."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = _shard_plan(len(source.records), shard_size, shuffle_seed)
+    paths = [out_dir / f"{name}-{number:06d}.tar" for number in range(len(plan))]
+
+    def work(number: int) -> int:
+        if paths[number].exists():
+            return len(plan[number])
+        return _write_one_shard(paths[number], source.records, plan[number])
+
+    with ThreadPoolExecutor(max(1, num_writers)) as pool:
+        for count in pool.map(work, range(len(plan))):
+            on_shard_done(count)
+    lengths = [len(indices) for indices in plan]
+    return write_info(out_dir, name, [p.name for p in paths], lengths, source.classes)
+
+
+def write_info(
+    out_dir: Path, name: str, filenames: list[str], lengths: list[int], classes: list[str]
+) -> Path:
+    info = {
+        "name": name,
+        "num_samples": sum(lengths),
+        "classes": classes,
+        "shards": [{"name": f, "num_samples": n} for f, n in zip(filenames, lengths, strict=True)],
+        "splits": {
+            name: {
+                "name": name,
+                "num_samples": sum(lengths),
+                "filenames": filenames,
+                "shard_lengths": lengths,
+            }
+        },
+    }
+    path = out_dir / INFO_FILE
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(info, indent=1))
+    temporary.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- finding
+
+
+def open_shards(spec: str) -> ShardSet:
+    """A shard directory (with _info.json, or any *.tar), an _info.json file, or a brace pattern."""
+    if not spec:
+        raise ValueError(
+            "no shards given (set data.train / data.val to a shard directory, _info.json or pattern)"
+        )
+    path = Path(spec)
+    if path.is_dir():
+        if (path / INFO_FILE).is_file():
+            return _from_info(path / INFO_FILE)
+        urls = sorted(str(p) for p in path.glob("*.tar"))
+        if not urls:
+            raise FileNotFoundError(f"shard directory {path} holds no {INFO_FILE} and no .tar files")
+        return ShardSet(urls, None, [])
+    if path.is_file() and path.suffix == ".json":
+        return _from_info(path)
+    urls = list(braceexpand.braceexpand(spec))
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"shard pattern {spec!r} names {len(missing)} missing file(s), e.g. {missing[0]!r}"
+            " (expected a shard directory, an _info.json, or a brace pattern of existing .tar files)"
+        )
+    return ShardSet(urls, None, [])
+
+
+def _from_info(info_path: Path) -> ShardSet:
+    try:
+        info = json.loads(info_path.read_text())
+        shards = info["shards"]
+        urls = [str(info_path.parent / shard["name"]) for shard in shards]
+        lengths = [int(shard["num_samples"]) for shard in shards]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{info_path} is not a mim shard index ({error!r})") from None
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{info_path} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}"
+        )
+    return ShardSet(urls, lengths, list(info.get("classes", [])))
+
+
+def count_samples(url: str) -> int:
+    """Samples in one shard, counted from the tar index (no decoding)."""
+    with tarfile.open(url) as archive:
+        return len({member.name.split(".", 1)[0] for member in archive.getmembers() if member.isfile()})
+
+
+def with_lengths(shards: ShardSet) -> ShardSet:
+    if shards.lengths is not None:
+        return shards
+    return ShardSet(shards.urls, [count_samples(u) for u in shards.urls], shards.classes)
+
+
+def read_shard_samples(url: str, on_error: Callable[[Exception], bool]) -> wds.DataPipeline:
+    """The samples of one shard, as webdataset groups them: dicts of `__key__` and extension -> bytes."""
+    return wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=on_error))
+
+
+def encoded_image(sample: dict) -> tuple[str, bytes] | None:
+    for key, value in sample.items():
+        if not key.startswith("__") and key != "cls" and isinstance(value, bytes | bytearray):
+            return key, value
+    return None

@@ -1,0 +1,200 @@
+"""Sample streams over WebDataset shards.
+
+Training (`TrainStream`): resampled shards, no epoch boundary. Each (rank, worker) stream is a
+sequence of chunks; chunk k draws `shards_per_chunk` shards with replacement and shuffles their
+samples, all from an RNG seeded by (seed, rank, worker, k). Its position is therefore two numbers
+(chunk, offset), which every batch carries; the trainer keeps the position of the last batch it
+consumed from each worker, and a resumed stream continues exactly there.
+
+Evaluation (`EvalStream`): every sample of the split exactly once across all ranks and workers:
+contiguous ranges of the global sample index, split by rank, then by worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mim.data.shards import ShardSet, encoded_image, read_shard_samples
+from mim.data.transforms import BadSample, decode, eval_view, train_view
+
+log = logging.getLogger(__name__)
+
+
+def derived_seed(*parts: int) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    img_size: int
+    mode: str  # "RGB" or "L"
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    needs_label: bool = False
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _label(sample: dict, needs_label: bool) -> int:
+    if "cls" not in sample:
+        if needs_label:
+            raise BadSample("sample has no .cls label")
+        return -1
+    try:
+        return int(sample["cls"])
+    except ValueError:
+        raise BadSample(f"label {sample['cls'][:20]!r} is not an integer") from None
+
+
+class _SampleReader:
+    """Reads samples of one shard; unreadable tar members are counted as bad, not raised."""
+
+    def __init__(self) -> None:
+        self.num_bad = 0
+
+    def _on_error(self, error: Exception) -> bool:
+        self.num_bad += 1
+        log.warning("skipping unreadable data: %s", error)
+        return True
+
+    def samples(self, url: str) -> list[dict]:
+        return list(read_shard_samples(url, self._on_error))
+
+
+def _decode_sample(sample: dict, spec: ViewSpec, view: Callable) -> tuple[torch.Tensor, int]:
+    found = encoded_image(sample)
+    if found is None:
+        raise BadSample(f"sample {sample.get('__key__')} in {sample.get('__url__')} holds no image")
+    label = _label(sample, spec.needs_label)
+    return view(decode(found[1], spec.mode)), label
+
+
+class TrainStream(IterableDataset):
+    def __init__(
+        self,
+        shards: ShardSet,
+        spec: ViewSpec,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        shards_per_chunk: int = 2,
+        start_positions: dict[int, tuple[int, int]] | None = None,
+    ) -> None:
+        self.shards, self.spec, self.batch_size = shards, spec, batch_size
+        self.seed, self.rank, self.shards_per_chunk = seed, rank, shards_per_chunk
+        self.start_positions = start_positions or {}
+
+    def _chunk(self, worker: int, chunk: int) -> tuple[random.Random, list[str]]:
+        rng = random.Random(derived_seed(self.seed, self.rank, worker, chunk))
+        return rng, [rng.choice(self.shards.urls) for _ in range(self.shards_per_chunk)]
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, _ = _worker()
+        chunk, offset = self.start_positions.get(worker, (0, 0))
+        reader = _SampleReader()
+        images, labels = [], []
+        num_bad_reported = 0
+        while True:
+            rng, urls = self._chunk(worker, chunk)
+            samples = [s for url in urls for s in reader.samples(url)]
+            order = list(range(len(samples)))
+            rng.shuffle(order)
+            for position in range(offset, len(order)):
+                view_rng = random.Random(derived_seed(self.seed, self.rank, worker, chunk, position))
+                view = lambda image, r=view_rng: train_view(  # noqa: E731
+                    image, self.spec.img_size, r, self.spec.crop_scale, self.spec.hflip
+                )
+                try:
+                    image, label = _decode_sample(samples[order[position]], self.spec, view)
+                except BadSample as error:
+                    reader.num_bad += 1
+                    log.warning(
+                        "skipping bad sample in %s: %s", samples[order[position]].get("__url__"), error
+                    )
+                    continue
+                images.append(image)
+                labels.append(label)
+                if len(images) == self.batch_size:
+                    yield {
+                        "images": torch.stack(images),
+                        "labels": torch.tensor(labels),
+                        "worker": worker,
+                        "position": (chunk, position + 1),
+                        "num_bad": reader.num_bad - num_bad_reported,
+                    }
+                    num_bad_reported = reader.num_bad
+                    images, labels = [], []
+            chunk, offset = chunk + 1, 0
+
+
+def index_ranges(total: int, parts: int) -> list[tuple[int, int]]:
+    return [(part * total // parts, (part + 1) * total // parts) for part in range(parts)]
+
+
+class EvalStream(IterableDataset):
+    """Yields (image, label, global index) for every sample of this rank's range exactly once."""
+
+    def __init__(
+        self, shards: ShardSet, spec: ViewSpec, rank: int, world_size: int, crop_fraction: float
+    ) -> None:
+        if shards.lengths is None:
+            raise ValueError("evaluation needs per-shard sample counts (an _info.json, or count them first)")
+        self.shards, self.spec, self.crop_fraction = shards, spec, crop_fraction
+        self.range = index_ranges(shards.num_samples, world_size)[rank]
+
+    def __len__(self) -> int:
+        return self.range[1] - self.range[0]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
+        worker, num_workers = _worker()
+        start, stop = self.range
+        worker_start, worker_stop = [
+            (start + a, start + b) for a, b in index_ranges(stop - start, num_workers)
+        ][worker]
+        reader = _SampleReader()
+        shard_start = 0
+        for url, length in zip(self.shards.urls, self.shards.lengths, strict=True):
+            shard_stop = shard_start + length
+            if shard_stop > worker_start and shard_start < worker_stop:
+                yield from self._read_range(url, shard_start, worker_start, worker_stop, reader)
+            shard_start = shard_stop
+
+    def _read_range(self, url: str, first_index: int, start: int, stop: int, reader: _SampleReader):
+        view = lambda image: eval_view(image, self.spec.img_size, self.crop_fraction)  # noqa: E731
+        for offset, sample in enumerate(reader.samples(url)):
+            index = first_index + offset
+            if start <= index < stop:
+                try:
+                    image, label = _decode_sample(sample, self.spec, view)
+                except BadSample as error:
+                    log.warning("evaluation: bad sample %s in %s: %s", index, url, error)
+                    continue
+                yield image, label, index
+
+
+def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
+    return DataLoader(
+        stream,
+        batch_size=None,  # the stream batches itself, so each batch carries one worker's position
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )
+
+
+def eval_loader(stream: EvalStream, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(
+        stream, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available()
+    )

@@ -1,0 +1,127 @@
+"""Process-level plumbing for a stage: logging with rank-0 filtering, the run-dir lock, stop
+signals (Slurm preemption), and progress lines with rate and ETA."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(rank: int, log_file: Path | None = None, level: int = logging.INFO) -> None:
+    """Rank 0 logs at `level`; other ranks only warnings and errors (prefixed with their rank)."""
+    fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None and rank == 0:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(
+        level=level if rank == 0 else logging.WARNING, format=fmt, handlers=handlers, force=True
+    )
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class RunDirBusy(RuntimeError):
+    pass
+
+
+class RunLock:
+    """An exclusive lock on a run dir (flock: the kernel releases it when the holder dies, so a
+    killed job never leaves it stuck). The lock file names the holder for the error message."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.handle = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunDirBusy(
+                f"run dir {self.path.parent} is in use by another process ({holder}); "
+                "wait for it to finish or choose another run.dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(
+            json.dumps(
+                {
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                }
+            )
+        )
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class StopSignal:
+    """Records SIGUSR1 (Slurm's warning before a time limit or preemption) and SIGTERM; the
+    trainer polls `requested` and the ranks agree on a common step to stop at."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+        self.received: int | None = None
+        for number in signals:
+            signal.signal(number, self._handle)
+
+    def _handle(self, number: int, frame) -> None:
+        if self.received is None:
+            log.warning("received signal %s: will checkpoint and stop", signal.Signals(number).name)
+        self.received = number
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+class Progress:
+    """Rate and ETA between calls of `update`."""
+
+    def __init__(self, total: int, start: int = 0) -> None:
+        self.total, self.start = total, start
+        self.started_at = self.last_time = time.monotonic()
+        self.last_count = start
+
+    def update(self, count: int, items_per_count: int) -> tuple[float, float]:
+        """Returns (items per second since the last update, seconds left)."""
+        now = time.monotonic()
+        rate = (count - self.last_count) * items_per_count / max(now - self.last_time, 1e-9)
+        overall = (count - self.start) / max(now - self.started_at, 1e-9)
+        eta = (self.total - count) / overall if overall > 0 else float("inf")
+        self.last_time, self.last_count = now, count
+        return rate, eta
+
+
+def format_duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

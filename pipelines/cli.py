@@ -1,0 +1,34 @@
+"""`mim <stage> ...`: one subcommand per stage; each stage is pipelines/<stage>.py:main(argv)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES = {
+    "shards": "turn an image folder, a CSV/TSV or Fashion-MNIST into WebDataset shards",
+    "pretrain": "MAE pretraining under DeepSpeed (resumes automatically)",
+}
+
+
+def usage() -> str:
+    lines = ["usage: mim <stage> [options]   (mim <stage> --help for a stage's options)", "", "stages:"]
+    lines += [f"  {name:<10} {text}" for name, text in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"mim: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"pipelines.{stage}")
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

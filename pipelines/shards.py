@@ -1,0 +1,62 @@
+"""`mim shards`: an image corpus -> WebDataset tar shards + _info.json."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mim.data.shards import write_shards
+from mim.data.sources import open_source
+from pipelines.common import reports_user_errors
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mim shards", description=__doc__)
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="imagefolder:DIR | csv:FILE | tsv:FILE | fashion-mnist:DIR[:train|test]",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="split name, the shards' prefix (default: train, or the Fashion-MNIST split)",
+    )
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the file-to-shard assignment")
+    parser.add_argument("--no-shuffle", action="store_true", help="keep the source order in the shards")
+    parser.add_argument("--writers", type=int, default=4, help="shards written in parallel")
+    return parser.parse_args(argv)
+
+
+@reports_user_errors("mim shards")
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    source = open_source(args.source)
+    name = args.name or (
+        args.source.rsplit(":", 1)[-1]
+        if args.source.startswith("fashion-mnist:") and args.source.count(":") == 2
+        else "train"
+    )
+    with tqdm(total=len(source.records), unit="img", desc=f"shards {name}", file=sys.stderr) as bar:
+        info = write_shards(
+            source,
+            args.out,
+            name=name,
+            shard_size=args.shard_size,
+            shuffle_seed=None if args.no_shuffle else args.seed,
+            num_writers=args.writers,
+            on_shard_done=bar.update,
+        )
+    print(
+        f"wrote {len(source.records)} samples in {-(-len(source.records) // args.shard_size)} shards: {info}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

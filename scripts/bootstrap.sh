@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Sets up everything mim needs on a fresh machine: Debian packages (when root),
+# a virtual environment in .venv with torch, the project and its dev tools.
+# Idempotent: a second run checks and does nothing that is already done.
+#   usage: scripts/bootstrap.sh [--with-slurm]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${MIM_VENV:-.venv}
+TORCH_SPEC=${MIM_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+APT_PACKAGES=(dataset-fashion-mnist)
+if [[ "${1:-}" == "--with-slurm" ]]; then
+  APT_PACKAGES+=(slurm-wlm munge)
+fi
+
+log() { echo "[bootstrap] $*"; }
+
+install_apt_packages() {
+  local missing=()
+  for package in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  if [[ $(id -u) -ne 0 ]]; then
+    log "not root: cannot install ${missing[*]}; install them yourself (apt-get install ${missing[*]})"
+    return 0
+  fi
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+create_venv() {
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+  fi
+  local stamp="$VENV/.mim-installed"
+  if [[ -f "$stamp" && "$stamp" -nt pyproject.toml ]]; then
+    return 0
+  fi
+  # torch first, pinned to the builds this machine kind carries on disk; the project
+  # itself only asks for a range.
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install -q $TORCH_SPEC
+  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  touch "$stamp"
+}
+
+install_apt_packages
+create_venv
+log "ready: $VENV"
