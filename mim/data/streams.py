@@ -3,8 +3,9 @@
 Training (`TrainStream`): resampled shards, no epoch boundary. Each (rank, worker) stream is a
 sequence of chunks; chunk k draws `shards_per_chunk` shards with replacement and shuffles their
 samples, all from an RNG seeded by (seed, rank, worker, k). Its position is therefore two numbers
-(chunk, offset), which every batch carries; the trainer keeps the position of the last batch it
-consumed from each worker, and a resumed stream continues exactly there.
+(chunk, offset), which every batch carries with its (logical) worker id; the trainer keeps the
+position of the last batch it consumed from each worker and which worker is due next, and a
+resumed stream continues exactly there.
 
 Evaluation (`EvalStream`): every sample of the split exactly once across all ranks and workers:
 contiguous ranges of the global sample index, split by rank, then by worker.
@@ -90,17 +91,22 @@ class TrainStream(IterableDataset):
         rank: int,
         shards_per_chunk: int = 2,
         start_positions: dict[int, tuple[int, int]] | None = None,
+        first_worker: int = 0,
     ) -> None:
         self.shards, self.spec, self.batch_size = shards, spec, batch_size
         self.seed, self.rank, self.shards_per_chunk = seed, rank, shards_per_chunk
         self.start_positions = start_positions or {}
+        # The DataLoader takes batches from its workers in turn, starting with worker 0; a resumed
+        # stream lets worker 0 play the logical worker whose batch was due next.
+        self.first_worker = first_worker
 
     def _chunk(self, worker: int, chunk: int) -> tuple[random.Random, list[str]]:
         rng = random.Random(derived_seed(self.seed, self.rank, worker, chunk))
         return rng, [rng.choice(self.shards.urls) for _ in range(self.shards_per_chunk)]
 
     def __iter__(self) -> Iterator[dict]:
-        worker, _ = _worker()
+        worker, num_workers = _worker()
+        worker = (worker + self.first_worker) % num_workers
         chunk, offset = self.start_positions.get(worker, (0, 0))
         reader = _SampleReader()
         images, labels = [], []

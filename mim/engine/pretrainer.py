@@ -60,6 +60,7 @@ class Pretrainer:
         self.plan = make_plan(
             config.optim, config.schedule, config.data.batch_size, env.world_size, samples_per_epoch
         )
+        torch.manual_seed(config.run.seed)  # the same initial weights for the same seed
         self.model = model if model is not None else MaskedAutoencoderViT(**arch)
         self.precision = resolve_precision(config.deepspeed.precision)
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
@@ -77,7 +78,8 @@ class Pretrainer:
             ),
         )
         self.step = 0
-        self.positions: dict[int, tuple[int, int]] = {}
+        self.positions: dict[int, tuple[int, int]] = {}  # data-stream position per logical worker
+        self.next_worker = 0
         self.writer = None
         if env.is_main and config.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -101,6 +103,7 @@ class Pretrainer:
         rank_state = {
             "rng": checkpoint.rng_state(),
             "positions": {k: list(v) for k, v in self.positions.items()},
+            "next_worker": self.next_worker,
             "num_workers": self.config.data.num_workers,
         }
         meta = dict(self.meta(), last_loss=last_loss)
@@ -148,6 +151,7 @@ class Pretrainer:
         else:
             checkpoint.set_rng_state(rank_state["rng"])
             self.positions = {int(k): tuple(v) for k, v in rank_state["positions"].items()}
+            self.next_worker = int(rank_state["next_worker"])
         log.info("resumed from %s at step %d", latest, self.step)
         return True
 
@@ -170,6 +174,7 @@ class Pretrainer:
             self.env.rank,
             self.config.data.shards_per_chunk,
             dict(self.positions),
+            self.next_worker,
         )
         return iter(train_loader(stream, self.config.data.num_workers))
 
@@ -201,6 +206,7 @@ class Pretrainer:
         for micro in range(self.config.optim.accum_steps):
             batch = next(batches)
             self.positions[batch["worker"]] = batch["position"]
+            self.next_worker = (batch["worker"] + 1) % max(1, self.config.data.num_workers)
             self.num_bad += batch["num_bad"]
             images = normalize_on_device(
                 batch["images"].to(self.device, non_blocking=True),

@@ -1,0 +1,96 @@
+"""`mim pretrain` end to end through the real CLI: real shards, a real DeepSpeed engine (CPU
+accelerator, gloo), real checkpoints and TensorBoard event files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mim import checkpoint
+from tests.conftest import REPO, cli_env, free_port, run_cli
+
+pytestmark = pytest.mark.slow
+DEBUG = "configs/pretrain/debug.yaml"
+
+
+def pretrain(run_dir, shards, *overrides):
+    return run_cli("pretrain", "--config", DEBUG, f"data.train={shards}", f"run.dir={run_dir}", "model.img_size=28",
+                   "model.patch_size=7", "model.in_chans=1", "data.mean=[0.286]", "data.std=[0.353]", *overrides)
+
+
+def final_weights(run_dir):
+    return load_file(str(checkpoint.latest_checkpoint(run_dir) / checkpoint.WEIGHTS_FILE))
+
+
+def test_pretrain_writes_checkpoints_tensorboard_and_config(tmp_path, fmnist_shards):
+    result = pretrain(tmp_path / "run", fmnist_shards["train"], "run.keep_last=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    names = [p.name for p in checkpoint.complete_checkpoints(run)]
+    assert names == ["step-00000012", "step-00000016"]  # every 4 steps, last 2 kept; 16 steps = 2 x 64 / 8
+    meta = checkpoint.read_meta(run / "checkpoints" / names[-1])
+    assert meta["step"] == 16 and meta["norm_pix_loss"] is True and meta["samples_seen"] == 128
+    assert meta["model"]["arch"]["patch_size"] == 7 and meta["git_sha"] and meta["versions"]["deepspeed"]
+    assert (run / "config.yaml").is_file() and "patch_size: 7" in (run / "config.yaml").read_text()
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(2, 17, 2))
+    assert {"train/lr", "train/grad_norm", "train/images_per_sec", "train/samples_seen"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Images("reconstructions")] == [4, 8, 12, 16]
+    assert "img/s" in result.stderr and "eta" in result.stderr
+
+
+def test_stop_and_resume_is_bit_identical_to_uninterrupted(tmp_path, fmnist_shards):
+    common = ("data.num_workers=2", "run.checkpoint_every=100")
+    straight = pretrain(tmp_path / "straight", fmnist_shards["train"], *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = pretrain(tmp_path / "resumed", fmnist_shards["train"], *common, "run.stop_after=7")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert checkpoint.latest_checkpoint(tmp_path / "resumed").name == "step-00000007"
+    second = pretrain(tmp_path / "resumed", fmnist_shards["train"], *common)
+    assert second.returncode == 0 and "resumed from" in second.stderr
+    expected, got = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_bad_config_exits_nonzero_and_writes_nothing(tmp_path, fmnist_shards):
+    result = pretrain(tmp_path / "run", fmnist_shards["train"], "model.mask_ratio=1.5")
+    assert result.returncode == 2 and "model.mask_ratio must be in (0, 1)" in result.stderr
+    result = pretrain(tmp_path / "run", fmnist_shards["train"], "optim.lrr=3")
+    assert result.returncode == 2 and "did you mean 'optim.lr'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _data_parallel(out, nproc, zero_stage, accum=1):
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", str(REPO / "tests/helpers/data_parallel_steps.py"), str(out),
+               str(zero_stage), str(accum)]
+    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(str(out))
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, zero_stage):
+    one = _data_parallel(tmp_path / "one.safetensors", 1, zero_stage)
+    two = _data_parallel(tmp_path / "two.safetensors", 2, zero_stage)
+    accumulated = _data_parallel(tmp_path / "accum.safetensors", 1, zero_stage, accum=2)
+    for key in one:
+        expected, got_two, got_accumulated = (_without_key_bias(key, t[key]) for t in (one, two, accumulated))
+        assert torch.allclose(expected, got_two, rtol=1e-5, atol=1e-6), key
+        assert torch.allclose(expected, got_accumulated, rtol=1e-5, atol=1e-6), key
+
+
+def _without_key_bias(name, tensor):
+    """The key bias (middle third of qkv.bias) has an exactly zero gradient (softmax ignores a
+    shift shared by all keys); Adam turns its float round-off into full-size steps, so it is
+    noise in any comparison and is left out."""
+    if name.endswith("attn.qkv.bias"):
+        q, _, v = tensor.chunk(3)
+        return torch.cat([q, v])
+    return tensor

@@ -1,0 +1,163 @@
+"""Shards written by `mim shards` read back right; streams resume exactly; evaluation reads every
+sample once across ranks and workers."""
+
+from __future__ import annotations
+
+import json
+import random
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from mim.data.shards import open_shards, with_lengths, write_shards
+from mim.data.sources import csv_table, image_folder
+from mim.data.streams import EvalStream, TrainStream, ViewSpec, eval_loader, train_loader
+from mim.data.transforms import random_resized_crop_box
+from tests.conftest import fashion_mnist_subset, jpeg_source, run_cli
+
+
+def _read_back(directory):
+    samples = list(wds.WebDataset(sorted(str(p) for p in directory.glob("*.tar")), shardshuffle=False))
+    return samples
+
+
+def test_fashion_mnist_shards_keep_counts_labels_and_pixels(tmp_path):
+    source = fashion_mnist_subset("test", 50)
+    info_path = write_shards(source, tmp_path, name="val", shard_size=16)
+    info = json.loads(info_path.read_text())
+    assert [s["num_samples"] for s in info["shards"]] == [16, 16, 16, 2]
+    assert info["num_samples"] == 50 and info["classes"][9] == "Ankle boot"
+    assert info["splits"]["val"]["shard_lengths"] == [16, 16, 16, 2]
+    samples = _read_back(tmp_path)
+    assert len(samples) == 50
+    by_key = {int(s["__key__"]): s for s in samples}
+    for index in (0, 17, 49):
+        payload, _ = source.records[index].read()
+        assert by_key[index]["png"] == payload  # lossless PNG of the idx pixels, unchanged
+        assert int(by_key[index]["cls"]) == source.records[index].label
+    assert Counter(int(s["cls"]) for s in samples) == Counter(r.label for r in source.records)
+
+
+def test_image_folder_and_csv_keep_original_bytes(tmp_path):
+    for name, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 10), colour).save(tmp_path / "images" / name / f"{i}.jpg", quality=95)
+    folder = image_folder(tmp_path / "images")
+    assert folder.classes == ["cat", "dog"]
+    write_shards(folder, tmp_path / "shards", shard_size=4)
+    samples = _read_back(tmp_path / "shards")
+    originals = {(tmp_path / "images" / n / f"{i}.jpg").read_bytes() for n in ("cat", "dog") for i in range(3)}
+    assert {s["jpg"] for s in samples} == originals
+    rows = ["path,label"] + [f"images/{n}/{i}.jpg,{n}" for n in ("dog", "cat") for i in range(3)]
+    (tmp_path / "list.csv").write_text("\n".join(rows))
+    table = csv_table(tmp_path / "list.csv")
+    assert table.classes == ["cat", "dog"] and [r.label for r in table.records] == [1, 1, 1, 0, 0, 0]
+
+
+def test_bad_sources_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        image_folder(tmp_path / "missing")
+    (tmp_path / "bad.csv").write_text("a.jpg,1,extra\n")
+    with pytest.raises(ValueError, match="row 1 has 3 fields"):
+        csv_table(tmp_path / "bad.csv")
+
+
+def test_shards_cli_writes_and_resumes(tmp_path, fmnist_shards):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    for i in range(5):
+        Image.new("L", (8, 8), i * 40).save(tmp_path / "src" / "a" / f"{i}.png")
+    result = run_cli("shards", "--source", f"imagefolder:{tmp_path / 'src'}", "--out", str(tmp_path / "out"),
+                     "--shard-size", "2")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == [f"train-00000{i}.tar" for i in range(3)]
+    first = (tmp_path / "out" / "train-000000.tar").stat().st_mtime_ns
+    again = run_cli("shards", "--source", f"imagefolder:{tmp_path / 'src'}", "--out", str(tmp_path / "out"),
+                    "--shard-size", "2")
+    assert again.returncode == 0 and (tmp_path / "out" / "train-000000.tar").stat().st_mtime_ns == first
+    bad = run_cli("shards", "--source", f"imagefolder:{tmp_path / 'nowhere'}", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def _spec(needs_label=False):
+    return ViewSpec(img_size=28, mode="L", crop_scale=(0.2, 1.0), hflip=True, needs_label=needs_label)
+
+
+def _take(loader, count):
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == count:
+            return batches
+    return batches
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_stream_resumes_exactly_where_it_stopped(fmnist_shards, num_workers):
+    shards = open_shards(str(fmnist_shards["train"]))
+    straight = _take(train_loader(TrainStream(shards, _spec(), 16, seed=3, rank=0), num_workers), 12)
+    positions = {}
+    for batch in straight[:7]:
+        positions[batch["worker"]] = batch["position"]
+    next_worker = (straight[6]["worker"] + 1) % max(1, num_workers)
+    resumed_stream = TrainStream(shards, _spec(), 16, seed=3, rank=0, start_positions=positions,
+                                 first_worker=next_worker)
+    resumed = _take(train_loader(resumed_stream, num_workers), 5)
+    for expected, got in zip(straight[7:], resumed, strict=True):
+        assert torch.equal(expected["images"], got["images"]) and torch.equal(expected["labels"], got["labels"])
+
+
+def test_train_stream_differs_by_rank_and_passes_epoch_boundaries(fmnist_shards):
+    shards = open_shards(str(fmnist_shards["train"]))
+    first = _take(train_loader(TrainStream(shards, _spec(), 32, seed=0, rank=0), 0), 40)  # > 1 epoch of 960
+    other = _take(train_loader(TrainStream(shards, _spec(), 32, seed=0, rank=1), 0), 1)
+    assert len(first) == 40 and not torch.equal(first[0]["images"], other[0]["images"])
+    assert first[0]["images"].dtype == torch.uint8 and first[0]["images"].shape == (32, 1, 28, 28)
+
+
+@pytest.mark.parametrize("world_size, num_workers", [(2, 2), (3, 0)])
+def test_eval_reads_every_sample_exactly_once(fmnist_shards, world_size, num_workers):
+    shards = with_lengths(open_shards(str(fmnist_shards["val"])))
+    assert shards.num_samples == 250  # does not divide evenly by 3 ranks or 2 workers
+    seen = []
+    for rank in range(world_size):
+        stream = EvalStream(shards, _spec(needs_label=True), rank, world_size, crop_fraction=1.0)
+        for _, _, indices in eval_loader(stream, batch_size=7, num_workers=num_workers):
+            seen += indices.tolist()
+    assert sorted(seen) == list(range(250))
+
+
+def test_crop_boxes_follow_torchvision_distribution():
+    from torchvision.transforms import RandomResizedCrop
+
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    ours = [random_resized_crop_box(500, 375, rng, (0.2, 1.0)) for _ in range(4000)]
+    image = torch.zeros(3, 375, 500)
+    theirs = []
+    for _ in range(4000):
+        top, left, height, width = RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3))
+        theirs.append((left, top, left + width, top + height))
+
+    def stats(boxes):
+        areas = torch.tensor([(r - l) * (b - t) / (500 * 375) for l, t, r, b in boxes])
+        aspect = torch.tensor([(r - l) / (b - t) for l, t, r, b in boxes]).log()
+        return areas.mean().item(), areas.std().item(), aspect.mean().item(), aspect.std().item()
+
+    for a, b in zip(stats(ours), stats(theirs), strict=True):
+        assert abs(a - b) < 0.02
+
+
+def test_truncated_shard_is_skipped_and_counted(tmp_path):
+    write_shards(jpeg_source(20), tmp_path, shard_size=10)
+    victim = tmp_path / "train-000001.tar"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with tarfile.open(tmp_path / "train-000000.tar") as archive:
+        assert len(archive.getmembers()) == 20
+    stream = TrainStream(open_shards(str(tmp_path)), ViewSpec(16, "RGB"), 4, seed=0, rank=0, shards_per_chunk=2)
+    batches = _take(train_loader(stream, 0), 20)
+    assert len(batches) == 20 and sum(b["num_bad"] for b in batches) > 0
