@@ -1,48 +1,37 @@
-"""The MAE pretraining loop: load or resume, then `while step < total: batch -> train_step ->
-log -> maybe checkpoint`. Host syncs (.item()) happen only at log steps and checkpoints."""
+"""MAE pretraining: the shared loop with the masked-reconstruction loss, deterministic masks
+(a pure function of seed, rank and step) and reconstruction grids in TensorBoard."""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mim import checkpoint
-from mim.config import ConfigError, PretrainConfig, to_tree
+from mim.config import ConfigError, PretrainConfig
 from mim.data.shards import ShardSet, with_lengths
-from mim.data.streams import EvalStream, TrainStream, ViewSpec, derived_seed, train_loader
-from mim.data.transforms import normalize_on_device
-from mim.distributed import DistEnv, all_reduce_sum, any_rank, barrier
-from mim.engine.deepspeed_engine import EngineSettings, build_engine, engine_param_groups, resolve_precision
+from mim.data.streams import EvalStream, ViewSpec, derived_seed
+from mim.distributed import DistEnv
 from mim.engine.optim import param_groups
-from mim.engine.schedule import apply_lr, warmup_cosine
+from mim.engine.trainer import Outcome, Trainer
 from mim.models.mae import MaskedAutoencoderViT
-from mim.recipe import make_plan
-from mim.runtime import Progress, StopSignal, format_duration
+from mim.runtime import StopSignal
 from mim.visualize import reconstruction_grid
 
-log = logging.getLogger(__name__)
+__all__ = ["Outcome", "Pretrainer"]
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+def pretrain_view_spec(arch: dict, config: PretrainConfig) -> ViewSpec:
+    return ViewSpec(
+        img_size=arch["img_size"],
+        mode="L" if arch["in_chans"] == 1 else "RGB",
+        crop_scale=tuple(config.data.crop_scale),
+        hflip=config.data.hflip,
+    )
 
 
-class TooManyBadSamples(RuntimeError):
-    pass
+class Pretrainer(Trainer):
+    stage = "pretrain"
 
-
-@dataclass
-class Outcome:
-    step: int
-    total_steps: int
-    reason: str  # finished | stop_after | signal
-    last_loss: float | None
-
-
-class Pretrainer:
     def __init__(
         self,
         config: PretrainConfig,
@@ -53,299 +42,63 @@ class Pretrainer:
         stop: StopSignal | None = None,
         model: MaskedAutoencoderViT | None = None,
     ) -> None:
-        self.config, self.arch, self.shards, self.env, self.device = config, arch, shards, env, device
-        self.run_dir = Path(config.run.dir)
-        self.stop = stop
-        samples_per_epoch = config.data.samples_per_epoch or shards.num_samples
-        self.plan = make_plan(
-            config.optim, config.schedule, config.data.batch_size, env.world_size, samples_per_epoch
-        )
         torch.manual_seed(config.run.seed)  # the same initial weights for the same seed
-        self.model = model if model is not None else MaskedAutoencoderViT(**arch)
-        self.precision = resolve_precision(config.deepspeed.precision)
-        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        self.engine = build_engine(
-            self.model,
-            param_groups(self.model, config.optim.weight_decay),
-            EngineSettings(
-                micro_batch_size=config.data.batch_size,
-                accum_steps=config.optim.accum_steps,
-                world_size=env.world_size,
-                zero_stage=config.deepspeed.zero_stage,
-                precision=config.deepspeed.precision,
-                grad_clip=config.optim.grad_clip,
-                betas=tuple(config.optim.betas),
-            ),
+        model = model if model is not None else MaskedAutoencoderViT(**arch)
+        self.arch = arch
+        super().__init__(
+            config,
+            shards,
+            env,
+            device,
+            model,
+            param_groups(model, config.optim.weight_decay),
+            pretrain_view_spec(arch, config),
+            stop,
         )
-        self.step = 0
-        self.positions: dict[int, tuple[int, int]] = {}  # data-stream position per logical worker
-        self.next_worker = 0
-        self.writer = None
-        if env.is_main and config.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self.fixed = self.fixed_images() if self.writer is not None and config.log.recon_every else None
 
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+    def forward_loss(self, images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
+        generator = torch.Generator(device=self.device).manual_seed(
+            derived_seed(self.config.run.seed, self.env.rank, self.step, micro)
+        )
+        noise = torch.rand(images.shape[0], self.model.num_patches, generator=generator, device=self.device)
+        loss, _, _ = self.engine(images, mask_ratio=self.config.model.mask_ratio, noise=noise)
+        return loss
 
-    # ------------------------------------------------------------------ checkpoints
+    def after_step(self) -> None:
+        if self.fixed is not None and self.step % self.config.log.recon_every == 0:
+            grid = reconstruction_grid(
+                self.engine.module,
+                self.fixed,
+                self.config.data.mean,
+                self.config.data.std,
+                self.config.model.mask_ratio,
+            )
+            self.writer.add_image("reconstructions", grid, self.step)
 
     def meta(self) -> dict:
-        return {
-            "stage": "pretrain",
-            "model": {"name": self.config.model.name, "arch": self.arch},
-            "norm_pix_loss": self.arch["norm_pix_loss"],
-            "config": to_tree(self.config),
-            "world_size": self.env.world_size,
-            "samples_seen": self.step * self.plan.effective_batch,
-            "data": {"train": self.config.data.train, "num_samples": self.shards.num_samples},
-        }
-
-    def save(self, last_loss: float | None) -> Path:
-        rank_state = {
-            "rng": checkpoint.rng_state(),
-            "positions": {k: list(v) for k, v in self.positions.items()},
-            "next_worker": self.next_worker,
-            "num_workers": self.config.data.num_workers,
-        }
-        meta = dict(self.meta(), last_loss=last_loss)
-        path = checkpoint.save(
-            self.engine,
-            self.run_dir,
-            self.step,
-            self.env.rank,
-            rank_state,
-            meta,
-            self.config.run.keep_last,
-            barrier,
+        return dict(
+            super().meta(),
+            model={"name": self.config.model.name, "arch": self.arch},
+            norm_pix_loss=self.arch["norm_pix_loss"],
+            mean=self.config.data.mean,
+            std=self.config.data.std,
         )
-        log.info("checkpoint %s written", path)
-        return path
 
-    def resume(self) -> bool:
-        latest = checkpoint.latest_checkpoint(self.run_dir)
-        if latest is None:
-            return False
-        meta = checkpoint.read_meta(latest)
-        if meta.get("stage") != "pretrain" or meta.get("model", {}).get("arch") != self.arch:
+    def check_resumable(self, meta: dict, path: Path) -> None:
+        super().check_resumable(meta, path)
+        if meta.get("model", {}).get("arch") != self.arch:
             raise ConfigError(
-                f"cannot resume from {latest}: it was written for {meta.get('stage')} with model "
-                f"{meta.get('model')}, but this run's model is {self.config.model.name} {self.arch}; "
-                "use a new run.dir or the same model settings"
+                f"cannot resume from {path}: it holds model {meta.get('model')}, but this run's model is "
+                f"{self.config.model.name} {self.arch}; use a new run.dir or the same model settings"
             )
-        self.engine.load_checkpoint(
-            str(latest.parent), tag=latest.name, load_module_strict=True, load_lr_scheduler_states=False
-        )
-        self.step = int(meta["step"])
-        rank_state = checkpoint.load_rank_state(latest, self.env.rank)
-        if rank_state is None:
-            log.warning(
-                "%s has no state for rank %d (world size changed?): data stream starts afresh",
-                latest,
-                self.env.rank,
-            )
-        elif rank_state["num_workers"] != self.config.data.num_workers:
-            log.warning(
-                "data.num_workers changed from %d to %d: data stream positions cannot be kept",
-                rank_state["num_workers"],
-                self.config.data.num_workers,
-            )
-        else:
-            checkpoint.set_rng_state(rank_state["rng"])
-            self.positions = {int(k): tuple(v) for k, v in rank_state["positions"].items()}
-            self.next_worker = int(rank_state["next_worker"])
-        log.info("resumed from %s at step %d", latest, self.step)
-        return True
-
-    # ------------------------------------------------------------------ data
-
-    def view_spec(self) -> ViewSpec:
-        return ViewSpec(
-            img_size=self.arch["img_size"],
-            mode="L" if self.arch["in_chans"] == 1 else "RGB",
-            crop_scale=tuple(self.config.data.crop_scale),
-            hflip=self.config.data.hflip,
-        )
-
-    def batches(self):
-        stream = TrainStream(
-            self.shards,
-            self.view_spec(),
-            self.config.data.batch_size,
-            self.config.run.seed,
-            self.env.rank,
-            self.config.data.shards_per_chunk,
-            dict(self.positions),
-            self.next_worker,
-        )
-        return iter(train_loader(stream, self.config.data.num_workers))
 
     def fixed_images(self, count: int = 8) -> torch.Tensor:
-        first = ShardSet(self.shards.urls[:1], None, [])
-        stream = EvalStream(with_lengths(first), self.view_spec(), rank=0, world_size=1, crop_fraction=1.0)
+        """The first images of the first shard, centre-cropped: the same grid all run long."""
+        first = with_lengths(ShardSet(self.shards.urls[:1], None, []))
         images = []
-        for image, _, _ in stream:
+        for image, _, _ in EvalStream(first, self.view_spec, rank=0, world_size=1, crop_fraction=1.0):
             images.append(image)
             if len(images) == count:
                 break
         return torch.stack(images)
-
-    # ------------------------------------------------------------------ the loop
-
-    def train_step(self, batches, nonfinite_step: torch.Tensor) -> torch.Tensor:
-        """One optimizer step over accum_steps micro-batches; returns the summed loss (on device)."""
-        apply_lr(
-            engine_param_groups(self.engine),
-            warmup_cosine(
-                self.step,
-                self.plan.total_steps,
-                self.plan.warmup_steps,
-                self.plan.lr,
-                self.config.optim.min_lr,
-            ),
-        )
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.config.optim.accum_steps):
-            batch = next(batches)
-            self.positions[batch["worker"]] = batch["position"]
-            self.next_worker = (batch["worker"] + 1) % max(1, self.config.data.num_workers)
-            self.num_bad += batch["num_bad"]
-            images = normalize_on_device(
-                batch["images"].to(self.device, non_blocking=True),
-                self.config.data.mean,
-                self.config.data.std,
-                self.input_dtype,
-            )
-            generator = torch.Generator(device=self.device).manual_seed(
-                derived_seed(self.config.run.seed, self.env.rank, self.step, micro)
-            )
-            noise = torch.rand(
-                images.shape[0], self.model.num_patches, generator=generator, device=self.device
-            )
-            loss, _, _ = self.engine(images, mask_ratio=self.config.model.mask_ratio, noise=noise)
-            self.engine.backward(loss)
-            self.engine.step()
-            loss = loss.detach().float()
-            nonfinite_step.copy_(
-                torch.where(
-                    torch.isfinite(loss) | (nonfinite_step >= 0),
-                    nonfinite_step,
-                    torch.tensor(self.step + 1, device=self.device),
-                )
-            )
-            loss_sum += loss
-        return loss_sum
-
-    def check_health(self, nonfinite_step: torch.Tensor, samples_seen: int) -> None:
-        """Raises before anything is written when a loss went non-finite or data went bad."""
-        local_step = int(nonfinite_step.item())
-        totals = all_reduce_sum(
-            torch.tensor([float(self.num_bad), float(local_step >= 0)], device=self.device)
-        )
-        if totals[1].item() > 0:
-            where = f"step {local_step}" if local_step >= 0 else "a step on another rank"
-            raise NonFiniteLoss(
-                f"loss became NaN/inf at {where}; stopped without writing a checkpoint "
-                f"(last good one: {checkpoint.latest_checkpoint(self.run_dir)}). Lower the lr, set optim.grad_clip, "
-                "or check the data"
-            )
-        total_bad = totals[0].item()
-        if total_bad > self.config.data.max_bad_fraction * (samples_seen + total_bad) and total_bad > 0:
-            raise TooManyBadSamples(
-                f"{int(total_bad)} bad samples out of {int(samples_seen + total_bad)} read, more than "
-                f"data.max_bad_fraction={self.config.data.max_bad_fraction}; see the warnings above for the shards"
-            )
-
-    def log_step(self, loss_sum: torch.Tensor, num_steps: int, progress: Progress) -> float:
-        loss = all_reduce_sum(loss_sum.clone()).item() / (
-            num_steps * self.config.optim.accum_steps * self.env.world_size
-        )
-        rate, eta = progress.update(self.step, self.plan.effective_batch)
-        lr = engine_param_groups(self.engine)[0]["lr"]
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        samples = self.step * self.plan.effective_batch
-        log.info(
-            "step %d/%d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s  samples %d  eta %s",
-            self.step,
-            self.plan.total_steps,
-            loss,
-            lr,
-            grad_norm,
-            rate,
-            samples,
-            format_duration(eta),
-        )
-        if self.writer is not None:
-            for name, value in (
-                ("loss", loss),
-                ("lr", lr),
-                ("grad_norm", grad_norm),
-                ("images_per_sec", rate),
-                ("samples_seen", samples),
-                ("bad_samples", self.num_bad),
-            ):
-                self.writer.add_scalar(f"train/{name}", value, self.step)
-            self.writer.flush()
-        return loss
-
-    def log_reconstructions(self, images: torch.Tensor) -> None:
-        grid = reconstruction_grid(
-            self.engine.module,
-            images,
-            self.config.data.mean,
-            self.config.data.std,
-            self.config.model.mask_ratio,
-        )
-        self.writer.add_image("reconstructions", grid, self.step)
-
-    def run(self) -> Outcome:
-        self.resume()
-        config, plan = self.config, self.plan
-        log.info(
-            "pretraining %s: %d steps (%d per epoch of %d samples), effective batch %d, lr %.3e, %s, world %d",
-            config.model.name,
-            plan.total_steps,
-            plan.steps_per_epoch,
-            plan.samples_per_epoch,
-            plan.effective_batch,
-            plan.lr,
-            self.precision,
-            self.env.world_size,
-        )
-        batches = self.batches()
-        fixed = self.fixed_images() if self.writer is not None and config.log.recon_every else None
-        progress = Progress(plan.total_steps, start=self.step)
-        nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        self.num_bad = 0
-        loss_sum, steps_since_log, last_loss, reason = (
-            torch.zeros((), device=self.device),
-            0,
-            None,
-            "finished",
-        )
-        self.engine.train()
-        while self.step < plan.total_steps:
-            loss_sum += self.train_step(batches, nonfinite_step)
-            self.step += 1
-            steps_since_log += 1
-            at_end = self.step == plan.total_steps or self.step == config.run.stop_after
-            if self.step % config.log.every == 0 or at_end:
-                self.check_health(nonfinite_step, self.step * plan.effective_batch)
-                last_loss = self.log_step(loss_sum, steps_since_log, progress)
-                loss_sum.zero_()
-                steps_since_log = 0
-            if fixed is not None and self.step % config.log.recon_every == 0:
-                self.log_reconstructions(fixed)
-            stop_requested = (
-                self.step % config.run.stop_check_every == 0
-                and self.stop is not None
-                and any_rank(self.stop.requested, self.device)
-            )
-            if self.step % config.run.checkpoint_every == 0 or at_end or stop_requested:
-                self.check_health(nonfinite_step, self.step * plan.effective_batch)
-                self.save(last_loss)
-            if stop_requested or self.step == config.run.stop_after:
-                reason = "signal" if stop_requested else "stop_after"
-                break
-        if self.writer is not None:
-            self.writer.close()
-        return Outcome(self.step, plan.total_steps, reason, last_loss)

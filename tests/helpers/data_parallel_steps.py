@@ -25,9 +25,18 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_model("mae_vit_debug")
     micro = GLOBAL_BATCH // env.world_size // accum
-    engine = build_engine(model, param_groups(model, 0.05), EngineSettings(
-        micro_batch_size=micro, accum_steps=accum, world_size=env.world_size, zero_stage=zero_stage,
-        precision="fp32", grad_clip=1.0))
+    engine = build_engine(
+        model,
+        param_groups(model, 0.05),
+        EngineSettings(
+            micro_batch_size=micro,
+            accum_steps=accum,
+            world_size=env.world_size,
+            zero_stage=zero_stage,
+            precision="fp32",
+            grad_clip=1.0,
+        ),
+    )
     data = torch.Generator().manual_seed(123)
     for _ in range(STEPS):
         apply_lr(engine_param_groups(engine), 1e-3)

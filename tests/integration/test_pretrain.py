@@ -19,8 +19,19 @@ DEBUG = "configs/pretrain/debug.yaml"
 
 
 def pretrain(run_dir, shards, *overrides):
-    return run_cli("pretrain", "--config", DEBUG, f"data.train={shards}", f"run.dir={run_dir}", "model.img_size=28",
-                   "model.patch_size=7", "model.in_chans=1", "data.mean=[0.286]", "data.std=[0.353]", *overrides)
+    return run_cli(
+        "pretrain",
+        "--config",
+        DEBUG,
+        f"data.train={shards}",
+        f"run.dir={run_dir}",
+        "model.img_size=28",
+        "model.patch_size=7",
+        "model.in_chans=1",
+        "data.mean=[0.286]",
+        "data.std=[0.353]",
+        *overrides,
+    )
 
 
 def final_weights(run_dir):
@@ -39,7 +50,9 @@ def test_pretrain_writes_checkpoints_tensorboard_and_config(tmp_path, fmnist_sha
     assert (run / "config.yaml").is_file() and "patch_size: 7" in (run / "config.yaml").read_text()
     events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0}).Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(2, 17, 2))
-    assert {"train/lr", "train/grad_norm", "train/images_per_sec", "train/samples_seen"} <= set(events.Tags()["scalars"])
+    assert {"train/lr", "train/grad_norm", "train/images_per_sec", "train/samples_seen"} <= set(
+        events.Tags()["scalars"]
+    )
     assert [e.step for e in events.Images("reconstructions")] == [4, 8, 12, 16]
     assert "img/s" in result.stderr and "eta" in result.stderr
 
@@ -67,9 +80,17 @@ def test_bad_config_exits_nonzero_and_writes_nothing(tmp_path, fmnist_shards):
 
 
 def _data_parallel(out, nproc, zero_stage, accum=1):
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", str(REPO / "tests/helpers/data_parallel_steps.py"), str(out),
-               str(zero_stage), str(accum)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(REPO / "tests/helpers/data_parallel_steps.py"),
+        str(out),
+        str(zero_stage),
+        str(accum),
+    ]
     result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(str(out))

@@ -44,12 +44,20 @@ def test_read_meta_of_a_non_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_run_lock_refuses_a_second_holder_and_frees_on_death(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, '.'); from mim.runtime import RunLock; "
-        f"lock = RunLock(__import__('pathlib').Path({str(tmp_path)!r})).acquire(); print('locked', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; sys.path.insert(0, '.'); from mim.runtime import RunLock; "
+                f"lock = RunLock(__import__('pathlib').Path({str(tmp_path)!r})).acquire(); print('locked', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(RunDirBusy, match=f"in use by another process .*\"pid\": {holder.pid}"):
+    with pytest.raises(RunDirBusy, match=f'in use by another process .*"pid": {holder.pid}'):
         RunLock(tmp_path).acquire()
     holder.kill()
     holder.wait()
@@ -58,12 +66,26 @@ def test_run_lock_refuses_a_second_holder_and_frees_on_death(tmp_path):
 
 
 def test_dist_env_from_slurm_and_torchrun():
-    slurm = read_dist_env({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1234",
-                           "SLURM_JOB_NODELIST": "gpu-a", "MASTER_ADDR": ""})
+    slurm = read_dist_env(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_LOCALID": "1",
+            "SLURM_NTASKS": "8",
+            "SLURM_JOB_ID": "1234",
+            "SLURM_JOB_NODELIST": "gpu-a",
+            "MASTER_ADDR": "",
+        }
+    )
     assert (slurm.rank, slurm.local_rank, slurm.world_size, slurm.launcher) == (5, 1, 8, "slurm")
     assert slurm.master_port == 20000 + 1234 and slurm.master_addr == "gpu-a"
-    torchrun = read_dist_env({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h",
-                              "MASTER_PORT": "1111"})
-    assert (torchrun.rank, torchrun.world_size, torchrun.master_port, torchrun.launcher) == (1, 2, 1111, "torchrun")
+    torchrun = read_dist_env(
+        {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1111"}
+    )
+    assert (torchrun.rank, torchrun.world_size, torchrun.master_port, torchrun.launcher) == (
+        1,
+        2,
+        1111,
+        "torchrun",
+    )
     single = read_dist_env({})
     assert (single.rank, single.world_size, single.launcher) == (0, 1, "single")

@@ -15,7 +15,9 @@ RECIPES = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
 
 
 def test_base_chain_and_overrides_merge(tmp_path):
-    (tmp_path / "base.yaml").write_text("model: {name: mae_vit_debug, mask_ratio: 0.6}\ndata: {batch_size: 4}\n")
+    (tmp_path / "base.yaml").write_text(
+        "model: {name: mae_vit_debug, mask_ratio: 0.6}\ndata: {batch_size: 4}\n"
+    )
     (tmp_path / "delta.yaml").write_text("base: base.yaml\ndata: {batch_size: 16}\n")
     config = load_config(PretrainConfig, tmp_path / "delta.yaml", ["optim.betas=[0.9, 0.99]", "run.dir=/x"])
     assert config.model.name == "mae_vit_debug" and config.model.mask_ratio == 0.6
@@ -31,25 +33,34 @@ def test_every_shipped_recipe_loads(recipe):
 def test_paper_recipe_values():
     config = load_config(PretrainConfig, REPO / "configs/pretrain/mae_vit_large_p16.yaml", [])
     assert (config.optim.blr, config.model.mask_ratio, config.model.norm_pix_loss) == (1.5e-4, 0.75, True)
-    assert (config.schedule.epochs, config.schedule.warmup_epochs, config.deepspeed.zero_stage) == (800, 40, 1)
+    assert (config.schedule.epochs, config.schedule.warmup_epochs, config.deepspeed.zero_stage) == (
+        800,
+        40,
+        1,
+    )
     assert config.optim.betas == [0.9, 0.95] and config.optim.weight_decay == 0.05
 
 
 def test_unknown_key_suggests_the_close_one():
-    with pytest.raises(ConfigError, match=r"unknown config key 'data.batchsize'; did you mean 'data.batch_size'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'data.batchsize'; did you mean 'data.batch_size'"
+    ):
         load_config(PretrainConfig, None, ["data.batchsize=3"])
     with pytest.raises(ConfigError, match="unknown config key 'modle'"):
         load_config(PretrainConfig, None, ["modle.name=x"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.batch_size=abc", "expects int"),
-    ("data.batch_size=2.5", "expects int"),
-    ("data.hflip=3", "expects true or false"),
-    ("optim.betas=0.9", "expects a list"),
-    ("model=3", "must be a section"),
-    ("novalue", "not of the form"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batch_size=abc", "expects int"),
+        ("data.batch_size=2.5", "expects int"),
+        ("data.hflip=3", "expects true or false"),
+        ("optim.betas=0.9", "expects a list"),
+        ("model=3", "must be a section"),
+        ("novalue", "not of the form"),
+    ],
+)
 def test_wrong_types_fail_with_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(PretrainConfig, None, [override])
@@ -73,17 +84,20 @@ def _checked(tmp_path, *overrides, shards=None):
     return check_pretrain(load_config(PretrainConfig, None, base + list(overrides)))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.img_size=30", "not a multiple of model.patch_size"),
-    ("model.mask_ratio=1.0", r"mask_ratio must be in \(0, 1\)"),
-    ("model.mask_ratio=0", r"mask_ratio must be in \(0, 1\)"),
-    ("model.name=mae_vit_nope", "unknown model"),
-    ("model.num_heads=3", "not divisible by model.num_heads"),
-    ("data.crop_scale=[0.5, 0.2]", "crop_scale"),
-    ("schedule.warmup_epochs=900", "warmup_epochs"),
-    ("deepspeed.zero_stage=3", "zero_stage must be 0, 1 or 2"),
-    ("deepspeed.precision=fp8", "precision"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.img_size=30", "not a multiple of model.patch_size"),
+        ("model.mask_ratio=1.0", r"mask_ratio must be in \(0, 1\)"),
+        ("model.mask_ratio=0", r"mask_ratio must be in \(0, 1\)"),
+        ("model.name=mae_vit_nope", "unknown model"),
+        ("model.num_heads=3", "not divisible by model.num_heads"),
+        ("data.crop_scale=[0.5, 0.2]", "crop_scale"),
+        ("schedule.warmup_epochs=900", "warmup_epochs"),
+        ("deepspeed.zero_stage=3", "zero_stage must be 0, 1 or 2"),
+        ("deepspeed.precision=fp8", "precision"),
+    ],
+)
 def test_impossible_combinations_fail_before_work(tmp_path, jpeg_shards, override, message):
     with pytest.raises(ConfigError, match=message):
         _checked(tmp_path, override, shards=jpeg_shards)
@@ -98,13 +112,21 @@ def test_missing_shards_and_bad_run_dir(tmp_path, jpeg_shards):
         _checked(tmp_path, shards=tmp_path / "empty")
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is not a directory"):
-        check_pretrain(load_config(PretrainConfig, None, [f"data.train={jpeg_shards}", f"run.dir={tmp_path / 'file'}",
-                                                          "model.name=mae_vit_debug"]))
+        check_pretrain(
+            load_config(
+                PretrainConfig,
+                None,
+                [f"data.train={jpeg_shards}", f"run.dir={tmp_path / 'file'}", "model.name=mae_vit_debug"],
+            )
+        )
 
 
 def test_plan_derives_lr_and_steps_once():
-    config = load_config(PretrainConfig, None, ["data.batch_size=64", "optim.accum_steps=2", "schedule.epochs=10",
-                                                "schedule.warmup_epochs=1"])
+    config = load_config(
+        PretrainConfig,
+        None,
+        ["data.batch_size=64", "optim.accum_steps=2", "schedule.epochs=10", "schedule.warmup_epochs=1"],
+    )
     plan = make_plan(config.optim, config.schedule, 64, world_size=32, samples_per_epoch=1281167)
     assert plan.effective_batch == 4096
     assert plan.lr == pytest.approx(1.5e-4 * 4096 / 256)

@@ -51,7 +51,9 @@ def test_image_folder_and_csv_keep_original_bytes(tmp_path):
     assert folder.classes == ["cat", "dog"]
     write_shards(folder, tmp_path / "shards", shard_size=4)
     samples = _read_back(tmp_path / "shards")
-    originals = {(tmp_path / "images" / n / f"{i}.jpg").read_bytes() for n in ("cat", "dog") for i in range(3)}
+    originals = {
+        (tmp_path / "images" / n / f"{i}.jpg").read_bytes() for n in ("cat", "dog") for i in range(3)
+    }
     assert {s["jpg"] for s in samples} == originals
     rows = ["path,label"] + [f"images/{n}/{i}.jpg,{n}" for n in ("dog", "cat") for i in range(3)]
     (tmp_path / "list.csv").write_text("\n".join(rows))
@@ -71,13 +73,29 @@ def test_shards_cli_writes_and_resumes(tmp_path, fmnist_shards):
     (tmp_path / "src" / "a").mkdir(parents=True)
     for i in range(5):
         Image.new("L", (8, 8), i * 40).save(tmp_path / "src" / "a" / f"{i}.png")
-    result = run_cli("shards", "--source", f"imagefolder:{tmp_path / 'src'}", "--out", str(tmp_path / "out"),
-                     "--shard-size", "2")
+    result = run_cli(
+        "shards",
+        "--source",
+        f"imagefolder:{tmp_path / 'src'}",
+        "--out",
+        str(tmp_path / "out"),
+        "--shard-size",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == [f"train-00000{i}.tar" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == [
+        f"train-00000{i}.tar" for i in range(3)
+    ]
     first = (tmp_path / "out" / "train-000000.tar").stat().st_mtime_ns
-    again = run_cli("shards", "--source", f"imagefolder:{tmp_path / 'src'}", "--out", str(tmp_path / "out"),
-                    "--shard-size", "2")
+    again = run_cli(
+        "shards",
+        "--source",
+        f"imagefolder:{tmp_path / 'src'}",
+        "--out",
+        str(tmp_path / "out"),
+        "--shard-size",
+        "2",
+    )
     assert again.returncode == 0 and (tmp_path / "out" / "train-000000.tar").stat().st_mtime_ns == first
     bad = run_cli("shards", "--source", f"imagefolder:{tmp_path / 'nowhere'}", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "does not exist" in bad.stderr
@@ -104,11 +122,14 @@ def test_train_stream_resumes_exactly_where_it_stopped(fmnist_shards, num_worker
     for batch in straight[:7]:
         positions[batch["worker"]] = batch["position"]
     next_worker = (straight[6]["worker"] + 1) % max(1, num_workers)
-    resumed_stream = TrainStream(shards, _spec(), 16, seed=3, rank=0, start_positions=positions,
-                                 first_worker=next_worker)
+    resumed_stream = TrainStream(
+        shards, _spec(), 16, seed=3, rank=0, start_positions=positions, first_worker=next_worker
+    )
     resumed = _take(train_loader(resumed_stream, num_workers), 5)
     for expected, got in zip(straight[7:], resumed, strict=True):
-        assert torch.equal(expected["images"], got["images"]) and torch.equal(expected["labels"], got["labels"])
+        assert torch.equal(expected["images"], got["images"]) and torch.equal(
+            expected["labels"], got["labels"]
+        )
 
 
 def test_train_stream_differs_by_rank_and_passes_epoch_boundaries(fmnist_shards):
@@ -144,8 +165,10 @@ def test_crop_boxes_follow_torchvision_distribution():
         theirs.append((left, top, left + width, top + height))
 
     def stats(boxes):
-        areas = torch.tensor([(r - l) * (b - t) / (500 * 375) for l, t, r, b in boxes])
-        aspect = torch.tensor([(r - l) / (b - t) for l, t, r, b in boxes]).log()
+        areas = torch.tensor(
+            [(right - left) * (bottom - top) / (500 * 375) for left, top, right, bottom in boxes]
+        )
+        aspect = torch.tensor([(right - left) / (bottom - top) for left, top, right, bottom in boxes]).log()
         return areas.mean().item(), areas.std().item(), aspect.mean().item(), aspect.std().item()
 
     for a, b in zip(stats(ours), stats(theirs), strict=True):
@@ -158,6 +181,8 @@ def test_truncated_shard_is_skipped_and_counted(tmp_path):
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with tarfile.open(tmp_path / "train-000000.tar") as archive:
         assert len(archive.getmembers()) == 20
-    stream = TrainStream(open_shards(str(tmp_path)), ViewSpec(16, "RGB"), 4, seed=0, rank=0, shards_per_chunk=2)
+    stream = TrainStream(
+        open_shards(str(tmp_path)), ViewSpec(16, "RGB"), 4, seed=0, rank=0, shards_per_chunk=2
+    )
     batches = _take(train_loader(stream, 0), 20)
     assert len(batches) == 20 and sum(b["num_bad"] for b in batches) > 0

@@ -75,7 +75,11 @@ def test_loss_is_mse_over_masked_patches_only(norm_pix_loss):
 def test_every_trainable_parameter_gets_a_gradient(model):
     loss, _, _ = model(torch.randn(2, 3, 32, 32))
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum())
+    ]
     assert not missing
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {"pos_embed", "decoder_pos_embed"}
@@ -83,18 +87,41 @@ def test_every_trainable_parameter_gets_a_gradient(model):
 
 def test_state_dict_names_follow_official_mae_layout():
     names = set(create_model("mae_vit_base_patch16").state_dict())
-    official = {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed.proj.weight",
-                "patch_embed.proj.bias", "norm.weight", "norm.bias", "decoder_embed.weight", "decoder_norm.weight",
-                "decoder_pred.weight", "decoder_pred.bias"}
-    official |= {f"blocks.11.{p}" for p in ("norm1.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-                                              "norm2.bias", "mlp.fc1.weight", "mlp.fc2.bias")}
+    official = {
+        "cls_token",
+        "pos_embed",
+        "mask_token",
+        "decoder_pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "norm.weight",
+        "norm.bias",
+        "decoder_embed.weight",
+        "decoder_norm.weight",
+        "decoder_pred.weight",
+        "decoder_pred.bias",
+    }
+    official |= {
+        f"blocks.11.{p}"
+        for p in (
+            "norm1.weight",
+            "attn.qkv.weight",
+            "attn.qkv.bias",
+            "attn.proj.weight",
+            "norm2.bias",
+            "mlp.fc1.weight",
+            "mlp.fc2.bias",
+        )
+    }
     official |= {f"decoder_blocks.7.{p}" for p in ("attn.qkv.weight", "mlp.fc2.weight")}
     assert official <= names
     assert not [n for n in names if n.startswith(("blocks.12", "decoder_blocks.8"))]
 
 
 def test_paper_variants_have_paper_sizes():
-    sizes = {name: sum(p.numel() for p in create_model(name).parameters()) for name in ("mae_vit_base_patch16",)}
+    sizes = {
+        name: sum(p.numel() for p in create_model(name).parameters()) for name in ("mae_vit_base_patch16",)
+    }
     assert abs(sizes["mae_vit_base_patch16"] / 1e6 - 111.91) < 0.01  # official MAE ViT-B with decoder
     large = model_args("mae_vit_large_patch16")
     huge = model_args("mae_vit_huge_patch14")
@@ -122,8 +149,16 @@ def test_feature_path_is_deterministic_and_matches_timm_vit(model):
     features = model.forward_features(imgs)
     assert features.shape == (2, 17, 32)
     assert torch.equal(features, model.forward_features(imgs))
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
-                            embed_dim=32, depth=2, num_heads=2)
+    vit = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    )
     encoder = {k: v for k, v in model.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
     vit.load_state_dict(encoder, strict=True)
     assert torch.allclose(vit.eval().forward_features(imgs), features, atol=1e-6)

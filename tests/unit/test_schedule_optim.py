@@ -24,7 +24,9 @@ def test_no_weight_decay_on_norms_biases_tokens():
     by_decay = {g["weight_decay"]: set(g["names"]) for g in groups}
     assert {"cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= by_decay[0.0]
     assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "decoder_pred.weight"} <= by_decay[0.05]
-    assert not ({"pos_embed", "decoder_pos_embed"} & (by_decay[0.0] | by_decay[0.05]))  # frozen: not optimised
+    assert not (
+        {"pos_embed", "decoder_pos_embed"} & (by_decay[0.0] | by_decay[0.05])
+    )  # frozen: not optimised
 
 
 def test_layer_decay_scales_follow_the_formula():
@@ -33,7 +35,9 @@ def test_layer_decay_scales_follow_the_formula():
         for name in group["names"]:
             assert group["lr_scale"] == pytest.approx(0.65 ** (3 - vit_layer_id(name, 2)))
     apply_lr(groups, 2.0)
-    assert sorted({round(g["lr"], 12) for g in groups}) == pytest.approx([2.0 * 0.65**3, 2.0 * 0.65**2, 2.0 * 0.65, 2.0])
+    assert sorted({round(g["lr"], 12) for g in groups}) == pytest.approx(
+        [2.0 * 0.65**3, 2.0 * 0.65**2, 2.0 * 0.65, 2.0]
+    )
 
 
 def test_layer_ids():

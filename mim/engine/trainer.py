@@ -1,0 +1,339 @@
+"""The shared step-based loop of every training stage: load or resume, then
+`while step < total: batch -> train_step -> log -> maybe checkpoint`.
+
+A stage subclasses `Trainer` and says what differs: the loss of a batch (`forward_loss`), what to
+do after a step (`after_step`, e.g. reconstructions or evaluation), and what describes its
+checkpoints (`meta`). Host syncs (.item()) happen only at log steps and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mim import checkpoint
+from mim.config import ConfigError, to_tree
+from mim.data.shards import ShardSet
+from mim.data.streams import TrainStream, ViewSpec, train_loader
+from mim.data.transforms import normalize_on_device
+from mim.distributed import DistEnv, all_reduce_sum, any_rank, barrier
+from mim.engine.deepspeed_engine import EngineSettings, build_engine, engine_param_groups, resolve_precision
+from mim.engine.schedule import apply_lr, warmup_cosine
+from mim.recipe import make_plan
+from mim.runtime import Progress, StopSignal, format_duration
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class TooManyBadSamples(RuntimeError):
+    pass
+
+
+@dataclass
+class Outcome:
+    step: int
+    total_steps: int
+    reason: str  # finished | stop_after | signal
+    last_loss: float | None
+
+
+class Trainer:
+    stage = "train"
+
+    def __init__(
+        self,
+        config: Any,
+        shards: ShardSet,
+        env: DistEnv,
+        device: torch.device,
+        model: nn.Module,
+        groups: list[dict],
+        view_spec: ViewSpec,
+        stop: StopSignal | None = None,
+        optimizer: str = "adamw",
+    ) -> None:
+        self.config, self.shards, self.env, self.device = config, shards, env, device
+        self.model, self.view_spec, self.stop = model, view_spec, stop
+        self.run_dir = Path(config.run.dir)
+        samples_per_epoch = config.data.samples_per_epoch or shards.num_samples
+        self.plan = make_plan(
+            config.optim, config.schedule, config.data.batch_size, env.world_size, samples_per_epoch
+        )
+        self.precision = resolve_precision(config.deepspeed.precision)
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        self.engine = build_engine(
+            model,
+            groups,
+            EngineSettings(
+                micro_batch_size=config.data.batch_size,
+                accum_steps=config.optim.accum_steps,
+                world_size=env.world_size,
+                zero_stage=config.deepspeed.zero_stage,
+                precision=config.deepspeed.precision,
+                grad_clip=config.optim.grad_clip,
+                betas=tuple(config.optim.betas),
+                optimizer=optimizer,
+            ),
+        )
+        self.step = 0
+        self.positions: dict[int, tuple[int, int]] = {}  # data-stream position per logical worker
+        self.next_worker = 0
+        self.num_bad = 0
+        self.writer = None
+        if env.is_main and config.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+
+    # ------------------------------------------------------------------ what a stage says
+
+    def forward_loss(self, images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called on every rank after each optimizer step."""
+
+    def meta(self) -> dict:
+        return {
+            "stage": self.stage,
+            "config": to_tree(self.config),
+            "world_size": self.env.world_size,
+            "samples_seen": self.step * self.plan.effective_batch,
+            "data": {"train": self.config.data.train, "num_samples": self.shards.num_samples},
+        }
+
+    def check_resumable(self, meta: dict, path: Path) -> None:
+        if meta.get("stage") != self.stage:
+            raise ConfigError(
+                f"cannot resume from {path}: it was written by stage {meta.get('stage')!r}, "
+                f"this is {self.stage!r}; use a new run.dir"
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, last_loss: float | None) -> Path:
+        rank_state = {
+            "rng": checkpoint.rng_state(),
+            "positions": {k: list(v) for k, v in self.positions.items()},
+            "next_worker": self.next_worker,
+            "num_workers": self.config.data.num_workers,
+        }
+        path = checkpoint.save(
+            self.engine,
+            self.run_dir,
+            self.step,
+            self.env.rank,
+            rank_state,
+            dict(self.meta(), last_loss=last_loss),
+            self.config.run.keep_last,
+            barrier,
+        )
+        log.info("checkpoint %s written", path)
+        return path
+
+    def resume(self) -> bool:
+        latest = checkpoint.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return False
+        meta = checkpoint.read_meta(latest)
+        self.check_resumable(meta, latest)
+        self.engine.load_checkpoint(
+            str(latest.parent), tag=latest.name, load_module_strict=True, load_lr_scheduler_states=False
+        )
+        self.step = int(meta["step"])
+        rank_state = checkpoint.load_rank_state(latest, self.env.rank)
+        if rank_state is None:
+            log.warning(
+                "%s has no state for rank %d (world size changed?): the data stream starts afresh",
+                latest,
+                self.env.rank,
+            )
+        elif rank_state["num_workers"] != self.config.data.num_workers:
+            log.warning(
+                "data.num_workers changed from %d to %d: data stream positions cannot be kept",
+                rank_state["num_workers"],
+                self.config.data.num_workers,
+            )
+        else:
+            checkpoint.set_rng_state(rank_state["rng"])
+            self.positions = {int(k): tuple(v) for k, v in rank_state["positions"].items()}
+            self.next_worker = int(rank_state["next_worker"])
+        log.info("resumed from %s at step %d", latest, self.step)
+        return True
+
+    # ------------------------------------------------------------------ data
+
+    def batches(self):
+        stream = TrainStream(
+            self.shards,
+            self.view_spec,
+            self.config.data.batch_size,
+            self.config.run.seed,
+            self.env.rank,
+            self.config.data.shards_per_chunk,
+            dict(self.positions),
+            self.next_worker,
+        )
+        return iter(train_loader(stream, self.config.data.num_workers))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize_on_device(
+            images.to(self.device, non_blocking=True),
+            self.config.data.mean,
+            self.config.data.std,
+            self.input_dtype,
+        )
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, batches, nonfinite_step: torch.Tensor) -> torch.Tensor:
+        """One optimizer step over accum_steps micro-batches; returns the summed loss (on device)."""
+        apply_lr(
+            engine_param_groups(self.engine),
+            warmup_cosine(
+                self.step,
+                self.plan.total_steps,
+                self.plan.warmup_steps,
+                self.plan.lr,
+                self.config.optim.min_lr,
+            ),
+        )
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.config.optim.accum_steps):
+            batch = next(batches)
+            self.positions[batch["worker"]] = batch["position"]
+            self.next_worker = (batch["worker"] + 1) % max(1, self.config.data.num_workers)
+            self.num_bad += batch["num_bad"]
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            loss = self.forward_loss(self.normalize(batch["images"]), labels, micro)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss = loss.detach().float()
+            nonfinite_step.copy_(
+                torch.where(
+                    torch.isfinite(loss) | (nonfinite_step >= 0),
+                    nonfinite_step,
+                    torch.tensor(self.step + 1, device=self.device),
+                )
+            )
+            loss_sum += loss
+        return loss_sum
+
+    def check_health(self, nonfinite_step: torch.Tensor, samples_seen: int) -> None:
+        """Raises before anything is written when a loss went non-finite or too much data was bad."""
+        local_step = int(nonfinite_step.item())
+        totals = all_reduce_sum(
+            torch.tensor([float(self.num_bad), float(local_step >= 0)], device=self.device)
+        )
+        if totals[1].item() > 0:
+            where = f"step {local_step}" if local_step >= 0 else "a step on another rank"
+            raise NonFiniteLoss(
+                f"loss became NaN/inf at {where}; stopped without writing a checkpoint (last good one: "
+                f"{checkpoint.latest_checkpoint(self.run_dir)}). Lower the lr, set optim.grad_clip, or check the data"
+            )
+        total_bad = totals[0].item()
+        if total_bad > 0 and total_bad > self.config.data.max_bad_fraction * (samples_seen + total_bad):
+            raise TooManyBadSamples(
+                f"{int(total_bad)} bad samples out of {int(samples_seen + total_bad)} read, more than "
+                f"data.max_bad_fraction={self.config.data.max_bad_fraction}; the warnings above name the shards"
+            )
+
+    # ------------------------------------------------------------------ logging
+
+    def scalar(self, name: str, value: float) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, self.step)
+
+    def log_step(self, loss_sum: torch.Tensor, num_steps: int, progress: Progress) -> float:
+        micro_losses = num_steps * self.config.optim.accum_steps * self.env.world_size
+        loss = all_reduce_sum(loss_sum.clone()).item() / micro_losses
+        rate, eta = progress.update(self.step, self.plan.effective_batch)
+        lr = max(group["lr"] for group in engine_param_groups(self.engine))
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        samples = self.step * self.plan.effective_batch
+        log.info(
+            "%s step %d/%d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s  samples %d  eta %s",
+            self.stage,
+            self.step,
+            self.plan.total_steps,
+            loss,
+            lr,
+            grad_norm,
+            rate,
+            samples,
+            format_duration(eta),
+        )
+        for name, value in (
+            ("loss", loss),
+            ("lr", lr),
+            ("grad_norm", grad_norm),
+            ("images_per_sec", rate),
+            ("samples_seen", samples),
+            ("bad_samples", self.num_bad),
+        ):
+            self.scalar(f"train/{name}", value)
+        if self.writer is not None:
+            self.writer.flush()
+        return loss
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> Outcome:
+        self.resume()
+        config, plan = self.config, self.plan
+        log.info(
+            "%s: %d steps (%d per epoch of %d samples), effective batch %d, lr %.3e, %s, %d process(es)",
+            self.stage,
+            plan.total_steps,
+            plan.steps_per_epoch,
+            plan.samples_per_epoch,
+            plan.effective_batch,
+            plan.lr,
+            self.precision,
+            self.env.world_size,
+        )
+        batches = self.batches()
+        progress = Progress(plan.total_steps, start=self.step)
+        nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        loss_sum, steps_since_log, last_loss, reason = (
+            torch.zeros((), device=self.device),
+            0,
+            None,
+            "finished",
+        )
+        self.engine.train()
+        while self.step < plan.total_steps:
+            loss_sum += self.train_step(batches, nonfinite_step)
+            self.step += 1
+            steps_since_log += 1
+            at_end = self.step in (plan.total_steps, config.run.stop_after)
+            if self.step % config.log.every == 0 or at_end:
+                self.check_health(nonfinite_step, self.step * plan.effective_batch)
+                last_loss = self.log_step(loss_sum, steps_since_log, progress)
+                loss_sum.zero_()
+                steps_since_log = 0
+            self.after_step()
+            stop_requested = (
+                self.stop is not None
+                and self.step % config.run.stop_check_every == 0
+                and any_rank(self.stop.requested, self.device)
+            )
+            if self.step % config.run.checkpoint_every == 0 or at_end or stop_requested:
+                self.check_health(nonfinite_step, self.step * plan.effective_batch)
+                self.save(last_loss)
+            if stop_requested or self.step == config.run.stop_after:
+                reason = "signal" if stop_requested else "stop_after"
+                break
+        if self.writer is not None:
+            self.writer.flush()
+        return Outcome(self.step, plan.total_steps, reason, last_loss)
