@@ -62,7 +62,7 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(
+        raise UserInputError(
             f"{checkpoint} is not a complete mim checkpoint: cannot read {META_FILE} ({error})"
         ) from None
 

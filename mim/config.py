@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from mim.errors import UserInputError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserInputError):
     """A user's config is wrong: the message names the key, the value and what was expected."""
 
 
@@ -115,6 +117,67 @@ class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     log: LogConfig = field(default_factory=LogConfig)
     init: InitConfig = field(default_factory=InitConfig)
+
+
+# ----------------------------------------------------------------------------- evaluation stages
+
+
+@dataclass
+class ClassifierModelConfig:
+    # The encoder's geometry comes from the backbone (init.from); these override it. With
+    # init.from=none, `name` (a registered MAE variant) gives the encoder to train from scratch.
+    name: str = ""
+    img_size: int | None = None
+    patch_size: int | None = None
+    in_chans: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    global_pool: str = "token"  # token (cls token) | avg (average of patch tokens)
+    drop_path: float = 0.0
+    num_classes: int | None = None  # None: the number of classes in the training shards' _info.json
+
+
+@dataclass
+class ClassifyOptimConfig(OptimConfig):
+    optimizer: str = "adamw"  # adamw | lars
+    layer_decay: float | None = None  # fine-tuning: lr x layer_decay ** (depth + 1 - layer)
+
+
+@dataclass
+class ProbeConfig:
+    blrs: list[float] = field(default_factory=lambda: [0.1])  # one head per base lr, trained together
+
+
+@dataclass
+class AugmentConfig:
+    randaug: str = ""  # a timm RandAugment string, e.g. rand-m9-mstd0.5-inc1; "" = none
+    mixup: float = 0.0  # alpha; 0 = off
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+    reprob: float = 0.0  # random erasing probability
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: float = 1.0
+    crop_fraction: float = 0.875  # resize to img_size / crop_fraction, then centre crop
+
+
+@dataclass
+class ClassifyConfig:
+    model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: ClassifyOptimConfig = field(default_factory=ClassifyOptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -8,8 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mim.config import ConfigError, DataConfig, OptimConfig, PretrainConfig, ScheduleConfig, require
-from mim.data.shards import ShardSet, open_shards
+from mim.config import (
+    ClassifyConfig,
+    ConfigError,
+    DataConfig,
+    OptimConfig,
+    PretrainConfig,
+    ScheduleConfig,
+    require,
+)
+from mim.data.shards import ShardSet, open_shards, with_lengths
+from mim.models.backbone import ARCH_KEYS, Weights, load_weights
 from mim.models.registry import model_args
 
 
@@ -155,3 +164,100 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
         f"data.train {config.data.train!r} has no _info.json with sample counts: set data.samples_per_epoch",
     )
     return arch, shards
+
+
+@dataclass
+class ClassifyInputs:
+    weights: Weights | None  # None: a randomly initialised encoder
+    arch: dict[str, Any]
+    shards: ShardSet
+    val_shards: ShardSet
+    num_classes: int
+
+
+def _classifier_arch(config: ClassifyConfig, weights: Weights | None) -> dict[str, Any]:
+    if weights is not None:
+        arch = dict(weights.arch)
+    else:
+        require(
+            bool(config.model.name),
+            "init.from=none trains from scratch: set model.name to a registered "
+            "variant (e.g. mae_vit_base_patch16) for the encoder's shape",
+        )
+        try:
+            arch = {k: v for k, v in model_args(config.model.name).items() if k in ARCH_KEYS}
+        except ValueError as error:
+            raise ConfigError(f"model.name: {error}") from None
+    arch.update({k: getattr(config.model, k) for k in ARCH_KEYS if getattr(config.model, k) is not None})
+    require(
+        arch["img_size"] % arch["patch_size"] == 0,
+        f"model.img_size {arch['img_size']} is not a multiple of the patch size {arch['patch_size']}",
+    )
+    require(
+        arch["embed_dim"] % arch["num_heads"] == 0,
+        f"embed_dim {arch['embed_dim']} is not divisible by num_heads {arch['num_heads']}",
+    )
+    return arch
+
+
+def _open_split(key: str, spec: str) -> ShardSet:
+    try:
+        return with_lengths(open_shards(spec))
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"{key}: {error}") from None
+
+
+def check_classify(config: ClassifyConfig, stage: str) -> ClassifyInputs:
+    """Validates a linprobe/finetune config before any work; loads the backbone's weights."""
+    require(
+        bool(config.init.from_),
+        "init.from is not set: a mim run dir or checkpoint, an official MAE .pth, "
+        "a timm weights file, a mim export, or none (train from scratch)",
+    )
+    weights = None if config.init.from_ == "none" else load_weights(config.init.from_)
+    arch = _classifier_arch(config, weights)
+    require(
+        config.model.global_pool in ("token", "avg"),
+        f"model.global_pool must be token or avg, got {config.model.global_pool!r}",
+    )
+    require(
+        0 <= config.model.drop_path < 1, f"model.drop_path must be in [0, 1), got {config.model.drop_path}"
+    )
+    check_data(config.data, arch["in_chans"])
+    check_optim(config.optim, config.schedule)
+    require(
+        config.optim.optimizer in ("adamw", "lars"),
+        f"optim.optimizer must be adamw or lars, got {config.optim.optimizer!r}",
+    )
+    require(
+        config.optim.optimizer != "lars" or config.deepspeed.zero_stage == 0,
+        "optim.optimizer=lars needs deepspeed.zero_stage=0 (LARS's per-layer trust ratio needs whole tensors)",
+    )
+    require(
+        config.optim.layer_decay is None or 0 < config.optim.layer_decay <= 1,
+        f"optim.layer_decay must be in (0, 1], got {config.optim.layer_decay}",
+    )
+    require(
+        stage != "linprobe" or (config.probe.blrs and all(b > 0 for b in config.probe.blrs)),
+        f"probe.blrs must be a non-empty list of positive base lrs, got {config.probe.blrs}",
+    )
+    require(
+        0 < config.eval.crop_fraction <= 1,
+        f"eval.crop_fraction must be in (0, 1], got {config.eval.crop_fraction}",
+    )
+    require(
+        config.eval.every_epochs > 0, f"eval.every_epochs must be positive, got {config.eval.every_epochs}"
+    )
+    require(
+        0 <= config.augment.reprob <= 1 and 0 <= config.augment.label_smoothing < 1,
+        "augment.reprob must be in [0, 1] and augment.label_smoothing in [0, 1)",
+    )
+    check_run_dir(config.run.dir)
+    shards = _open_split("data.train", config.data.train)
+    val_shards = _open_split("data.val", config.data.val)
+    num_classes = config.model.num_classes or len(shards.classes)
+    require(
+        num_classes > 0,
+        f"data.train {config.data.train} names no classes in _info.json: set model.num_classes",
+    )
+    return ClassifyInputs(weights, arch, shards, val_shards, num_classes)

@@ -4,15 +4,22 @@ user's mistake into one clear line and a non-zero exit."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
-from mim.config import ConfigError
-from mim.runtime import RunDirBusy
+import torch
 
-USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError, RunDirBusy, ValueError)
+from mim.config import write_config
+from mim.distributed import DistEnv, any_rank, init_distributed, read_dist_env, shutdown
+from mim.errors import UserInputError
+from mim.runtime import RunDirBusy, RunLock, StopSignal, setup_logging
+
+USER_ERRORS = (UserInputError, FileNotFoundError, NotADirectoryError, PermissionError, RunDirBusy)
 EXIT_USER_ERROR = 2
 
 
@@ -41,3 +48,30 @@ def reports_user_errors(prog: str) -> Callable:
         return wrapped
 
     return wrap
+
+
+@contextlib.contextmanager
+def started_run(run_dir: Path, config: Any) -> Iterator[tuple[DistEnv, torch.device, StopSignal]]:
+    """Logging, stop signals, the process group, and the run-dir lock (held by rank 0; every rank
+    fails fast when another job holds it); writes the resolved config."""
+    env = read_dist_env()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(env.rank, run_dir / "log.txt")
+    stop = StopSignal()
+    device = init_distributed(env)
+    lock, busy = RunLock(run_dir), None
+    if env.is_main:
+        try:
+            lock.acquire()
+        except RunDirBusy as error:
+            busy = error
+    if any_rank(busy is not None, device):
+        shutdown()
+        raise busy or RunDirBusy(f"run dir {run_dir} is in use by another job")
+    try:
+        if env.is_main:
+            write_config(config, run_dir / "config.yaml")
+        yield env, device, stop
+    finally:
+        lock.release()
+        shutdown()

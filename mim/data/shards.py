@@ -20,6 +20,7 @@ import braceexpand
 import webdataset as wds
 
 from mim.data.sources import Record, Source
+from mim.errors import UserInputError
 
 log = logging.getLogger(__name__)
 INFO_FILE = "_info.json"
@@ -74,7 +75,7 @@ def write_shards(
     """Writes `source` as shards into `out_dir` and returns the _info.json path. Shards already
     present under their final name are kept, so an interrupted run picks up where it stopped."""
     if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+        raise UserInputError(f"shard_size must be at least 1, got {shard_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = _shard_plan(len(source.records), shard_size, shuffle_seed)
     paths = [out_dir / f"{name}-{number:06d}.tar" for number in range(len(plan))]
@@ -121,7 +122,7 @@ def write_info(
 def open_shards(spec: str) -> ShardSet:
     """A shard directory (with _info.json, or any *.tar), an _info.json file, or a brace pattern."""
     if not spec:
-        raise ValueError(
+        raise UserInputError(
             "no shards given (set data.train / data.val to a shard directory, _info.json or pattern)"
         )
     path = Path(spec)
@@ -151,7 +152,7 @@ def _from_info(info_path: Path) -> ShardSet:
         urls = [str(info_path.parent / shard["name"]) for shard in shards]
         lengths = [int(shard["num_samples"]) for shard in shards]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{info_path} is not a mim shard index ({error!r})") from None
+        raise UserInputError(f"{info_path} is not a mim shard index ({error!r})") from None
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(

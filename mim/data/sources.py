@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mim.errors import UserInputError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -61,14 +63,16 @@ def image_folder(root: Path) -> Source:
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
-        raise ValueError(f"image folder {root} has no class subfolders (expected {root}/<class>/<image>)")
+        raise UserInputError(f"image folder {root} has no class subfolders (expected {root}/<class>/<image>)")
     records = []
     for label, name in enumerate(classes):
         for path in sorted((root / name).rglob("*")):
             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
                 records.append(Record(str(path), label, _file_loader(path)))
     if not records:
-        raise ValueError(f"image folder {root} holds no images with extensions {sorted(IMAGE_EXTENSIONS)}")
+        raise UserInputError(
+            f"image folder {root} holds no images with extensions {sorted(IMAGE_EXTENSIONS)}"
+        )
     return Source(records, classes)
 
 
@@ -83,7 +87,9 @@ def csv_table(table: Path) -> Source:
         rows = rows[1:]
     for number, row in enumerate(rows, start=1):
         if len(row) != 2:
-            raise ValueError(f"{table}: row {number} has {len(row)} fields, expected 2 (path,label): {row}")
+            raise UserInputError(
+                f"{table}: row {number} has {len(row)} fields, expected 2 (path,label): {row}"
+            )
     names = sorted({label for _, label in rows})
     integer_labels = all(label.isdigit() for label in names)
     classes = [str(i) for i in range(max(map(int, names)) + 1)] if integer_labels and names else names
@@ -101,7 +107,7 @@ def _read_idx(path: Path) -> np.ndarray:
         data = handle.read()
     zero, dtype_code, num_dims = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an idx file of unsigned bytes (header {data[:4].hex()})")
+        raise UserInputError(f"{path} is not an idx file of unsigned bytes (header {data[:4].hex()})")
     shape = struct.unpack(f">{num_dims}I", data[4 : 4 + 4 * num_dims])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * num_dims).reshape(shape)
 
@@ -124,12 +130,12 @@ def _png_loader(pixels: np.ndarray):
 
 def fashion_mnist(root: Path, split: str) -> Source:
     if split not in FASHION_MNIST_FILES:
-        raise ValueError(f"Fashion-MNIST split must be one of {list(FASHION_MNIST_FILES)}, got {split!r}")
+        raise UserInputError(f"Fashion-MNIST split must be one of {list(FASHION_MNIST_FILES)}, got {split!r}")
     image_stem, label_stem = FASHION_MNIST_FILES[split]
     images = _read_idx(_find_idx(root, image_stem))
     labels = _read_idx(_find_idx(root, label_stem))
     if len(images) != len(labels):
-        raise ValueError(f"{root}: {len(images)} images but {len(labels)} labels in split {split}")
+        raise UserInputError(f"{root}: {len(images)} images but {len(labels)} labels in split {split}")
     records = [
         Record(f"{root}/{image_stem}[{i}]", int(labels[i]), _png_loader(images[i]))
         for i in range(len(images))
@@ -141,7 +147,7 @@ def open_source(spec: str) -> Source:
     """`imagefolder:DIR`, `csv:FILE` (or `tsv:FILE`), `fashion-mnist:DIR[:train|test]`."""
     kind, sep, rest = spec.partition(":")
     if not sep:
-        raise ValueError(
+        raise UserInputError(
             f"source {spec!r} must be KIND:PATH with KIND imagefolder, csv, tsv or fashion-mnist"
         )
     if kind == "imagefolder":
@@ -151,6 +157,6 @@ def open_source(spec: str) -> Source:
     if kind == "fashion-mnist":
         path, _, split = rest.partition(":")
         return fashion_mnist(Path(path), split or "train")
-    raise ValueError(
+    raise UserInputError(
         f"unknown source kind {kind!r} in {spec!r}; expected imagefolder, csv, tsv or fashion-mnist"
     )

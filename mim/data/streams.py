@@ -40,6 +40,7 @@ class ViewSpec:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
     needs_label: bool = False
+    randaug: str = ""  # a timm RandAugment string applied after the crop (fine-tuning)
 
 
 def _worker() -> tuple[int, int]:
@@ -109,6 +110,7 @@ class TrainStream(IterableDataset):
         worker = (worker + self.first_worker) % num_workers
         chunk, offset = self.start_positions.get(worker, (0, 0))
         reader = _SampleReader()
+        extra = _randaug(self.spec) if self.spec.randaug else None
         images, labels = [], []
         num_bad_reported = 0
         while True:
@@ -119,7 +121,7 @@ class TrainStream(IterableDataset):
             for position in range(offset, len(order)):
                 view_rng = random.Random(derived_seed(self.seed, self.rank, worker, chunk, position))
                 view = lambda image, r=view_rng: train_view(  # noqa: E731
-                    image, self.spec.img_size, r, self.spec.crop_scale, self.spec.hflip
+                    image, self.spec.img_size, r, self.spec.crop_scale, self.spec.hflip, extra
                 )
                 try:
                     image, label = _decode_sample(samples[order[position]], self.spec, view)
@@ -142,6 +144,21 @@ class TrainStream(IterableDataset):
                     num_bad_reported = reader.num_bad
                     images, labels = [], []
             chunk, offset = chunk + 1, 0
+
+
+def _randaug(spec: ViewSpec) -> Callable:
+    from timm.data.auto_augment import rand_augment_transform
+
+    fill = (124, 116, 104) if spec.mode == "RGB" else (124,)
+    transform = rand_augment_transform(
+        spec.randaug, {"translate_const": int(spec.img_size * 0.45), "img_mean": fill}
+    )
+    for op in transform.ops:
+        # At magnitude 10 timm's increasing posterize keeps 0 bits, which Pillow >= 11 refuses;
+        # 9 keeps 1 bit, the strongest posterize Pillow allows.
+        if op.name == "PosterizeIncreasing":
+            op.magnitude_max = min(op.magnitude_max or 10, 9)
+    return transform
 
 
 def index_ranges(total: int, parts: int) -> list[tuple[int, int]]:

@@ -7,6 +7,7 @@ import io
 import math
 import random
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -84,13 +85,21 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def train_view(
-    image: Image.Image, size: int, rng: random.Random, scale: tuple[float, float], hflip: bool
+    image: Image.Image,
+    size: int,
+    rng: random.Random,
+    scale: tuple[float, float],
+    hflip: bool,
+    extra: Callable[[Image.Image], Image.Image] | None = None,
 ) -> torch.Tensor:
     box = random_resized_crop_box(image.width, image.height, rng, scale)
     flip = hflip and rng.random() < 0.5
     view = image.resize((size, size), Image.BICUBIC, box=box)  # crop and resize in one pass
     if flip:
         view = view.transpose(Image.FLIP_LEFT_RIGHT)
+    if extra is not None:
+        random.seed(rng.getrandbits(64))  # timm's RandAugment draws from the global RNG: make it per sample
+        view = extra(view)
     return to_uint8_tensor(view)
 
 

@@ -1,0 +1,115 @@
+"""Evaluation on a labelled split: every sample counted exactly once across ranks; top-1/top-5
+per classifier head; and a kNN classifier on frozen features."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mim.data.shards import ShardSet
+from mim.data.streams import EvalStream, ViewSpec, eval_loader
+from mim.distributed import DistEnv, all_reduce_sum
+
+
+@torch.no_grad()
+def evaluate(
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    shards: ShardSet,
+    spec: ViewSpec,
+    env: DistEnv,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    crop_fraction: float,
+) -> dict:
+    """`logits_of(uint8 images on device)` -> (num_heads, N, num_classes). Returns per-head top-1/top-5
+    in percent and the number of samples counted (all ranks together)."""
+    stream = EvalStream(shards, spec, env.rank, env.world_size, crop_fraction)
+    correct, count = None, torch.zeros((), device=device)
+    for images, labels, _ in eval_loader(stream, batch_size, num_workers):
+        logits = logits_of(images.to(device, non_blocking=True)).float()
+        labels = labels.to(device)
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (H, N, 5)
+        batch_correct = torch.stack(
+            [(top[..., 0] == labels).sum(-1), (top == labels[:, None]).any(-1).sum(-1)]
+        )
+        correct = batch_correct.float() if correct is None else correct + batch_correct
+        count += labels.shape[0]
+    if correct is None:  # this rank had no samples; the others still reduce
+        heads = logits_of(
+            torch.zeros(
+                1,
+                1 if spec.mode == "L" else 3,
+                spec.img_size,
+                spec.img_size,
+                dtype=torch.uint8,
+                device=device,
+            )
+        ).shape[0]
+        correct = torch.zeros(2, heads, device=device)
+    all_reduce_sum(correct)
+    all_reduce_sum(count)
+    total = max(1.0, count.item())
+    return {
+        "top1": (correct[0] * 100 / total).tolist(),
+        "top5": (correct[1] * 100 / total).tolist(),
+        "num_samples": int(count.item()),
+    }
+
+
+@torch.no_grad()
+def extract_features(
+    features_of: Callable[[torch.Tensor], torch.Tensor],
+    shards: ShardSet,
+    spec: ViewSpec,
+    env: DistEnv,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    crop_fraction: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features and labels of the whole split, gathered on every rank."""
+    stream = EvalStream(shards, spec, env.rank, env.world_size, crop_fraction)
+    features, labels = [], []
+    for images, batch_labels, _ in eval_loader(stream, batch_size, num_workers):
+        features.append(F.normalize(features_of(images.to(device)).float(), dim=-1))
+        labels.append(batch_labels.to(device))
+    local = torch.cat(features) if features else torch.zeros(0, 0, device=device)
+    local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return local, local_labels
+    return _gather_uneven(local), _gather_uneven(local_labels)
+
+
+def _gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    longest = max(int(s.item()) for s in sizes)
+    padded = torch.zeros(longest, *tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes, strict=True)])
+
+
+def knn_classify(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    features: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Weighted kNN on cosine similarity (votes exp(sim / T), as in InstDisc/DINO): class scores (N, C)."""
+    scores = []
+    for start in range(0, features.shape[0], chunk):
+        similarity = features[start : start + chunk] @ train_features.T  # (n, N_train)
+        top_similarity, top_index = similarity.topk(min(k, train_features.shape[0]), dim=-1)
+        votes = torch.zeros(similarity.shape[0], num_classes, device=features.device)
+        votes.scatter_add_(1, train_labels[top_index], (top_similarity / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)

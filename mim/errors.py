@@ -1,0 +1,6 @@
+"""Errors that mean "the user's input is wrong". Stages print them as one line and exit 2;
+anything else is a bug or an environment failure and keeps its traceback."""
+
+
+class UserInputError(ValueError):
+    """Bad config, bad data source, bad checkpoint: the message names what, where, and what was expected."""
