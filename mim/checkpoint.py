@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mim.errors import UserInputError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"

@@ -132,6 +132,21 @@ def check_run_dir(run_dir: str) -> Path:
     return path
 
 
+def check_init(init_from: str, arch: dict[str, Any]) -> Weights | None:
+    """Weights to start pretraining from (init.from); their encoder must have this run's shape."""
+    if not init_from:
+        return None
+    weights = load_weights(init_from)
+    compared = [k for k in ARCH_KEYS if k != "img_size" and k not in weights.guessed]
+    mismatched = {k: (weights.arch[k], arch[k]) for k in compared if weights.arch[k] != arch[k]}
+    require(
+        not mismatched,
+        f"init.from {init_from}: its encoder does not have this run's shape "
+        f"(key: (theirs, ours)) {mismatched}; set model.* to match it",
+    )
+    return weights
+
+
 def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
     """Validates everything before any work; returns the architecture and the training shards."""
     arch = check_model(config.model)

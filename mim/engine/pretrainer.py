@@ -3,21 +3,42 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
+from mim import checkpoint
 from mim.config import ConfigError, PretrainConfig
 from mim.data.shards import ShardSet, with_lengths
 from mim.data.streams import EvalStream, ViewSpec, derived_seed
 from mim.distributed import DistEnv
 from mim.engine.optim import param_groups
 from mim.engine.trainer import Outcome, Trainer
+from mim.models.backbone import Weights
 from mim.models.mae import MaskedAutoencoderViT
 from mim.runtime import StopSignal
 from mim.visualize import reconstruction_grid
 
 __all__ = ["Outcome", "Pretrainer"]
+log = logging.getLogger(__name__)
+FIXED_POSITIONS = ("pos_embed", "decoder_pos_embed")
+
+
+def initialize_from(model: MaskedAutoencoderViT, weights: Weights) -> dict:
+    """Loads what `weights` has (encoder, and decoder when present and of the same shape); the
+    rest keeps its fresh initialisation. Fixed sin-cos positions are recomputed for this geometry."""
+    own = model.state_dict()
+    available = {**weights.state, **weights.decoder}
+    loadable = {
+        k: v
+        for k, v in available.items()
+        if k in own and k not in FIXED_POSITIONS and v.shape == own[k].shape
+    }
+    model.load_state_dict(loadable, strict=False)
+    new = sorted(k for k in own if k not in loadable and k not in FIXED_POSITIONS)
+    ignored = sorted(k for k in available if k not in loadable and k not in FIXED_POSITIONS)
+    return {"source": weights.source, "num_loaded": len(loadable), "new": new, "ignored": ignored}
 
 
 def pretrain_view_spec(arch: dict, config: PretrainConfig) -> ViewSpec:
@@ -41,6 +62,7 @@ class Pretrainer(Trainer):
         device: torch.device,
         stop: StopSignal | None = None,
         model: MaskedAutoencoderViT | None = None,
+        init_weights: Weights | None = None,
     ) -> None:
         torch.manual_seed(config.run.seed)  # the same initial weights for the same seed
         model = model if model is not None else MaskedAutoencoderViT(**arch)
@@ -55,7 +77,11 @@ class Pretrainer(Trainer):
             pretrain_view_spec(arch, config),
             stop,
         )
-        self.fixed = self.fixed_images() if self.writer is not None and config.log.recon_every else None
+        self.init = None
+        if init_weights is not None and checkpoint.latest_checkpoint(self.run_dir) is None:
+            self.init = initialize_from(self.engine.module, init_weights)
+        wants_fixed = self.writer is not None and (config.log.recon_every or self.init is not None)
+        self.fixed = self.fixed_images() if wants_fixed else None
 
     def forward_loss(self, images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
         generator = torch.Generator(device=self.device).manual_seed(
@@ -65,8 +91,38 @@ class Pretrainer(Trainer):
         loss, _, _ = self.engine(images, mask_ratio=self.config.model.mask_ratio, noise=noise)
         return loss
 
+    def run(self) -> Outcome:
+        if self.init is not None and self.env.is_main:
+            self.init["loss_at_step0"] = self.fixed_batch_loss()
+            log.info(
+                "initialised from %s: loaded %d tensors, new %s; loss at step 0: %.6f",
+                self.init["source"],
+                self.init["num_loaded"],
+                self.init["new"],
+                self.init["loss_at_step0"],
+            )
+            self.scalar("train/loss_at_init", self.init["loss_at_step0"])
+        return super().run()
+
+    def fixed_batch_loss(self) -> float:
+        """The loss of the fixed image batch under masks from a generator seeded with run.seed."""
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            images = self.normalize(self.fixed)
+            generator = torch.Generator(device=self.device).manual_seed(self.config.run.seed)
+            noise = torch.rand(images.shape[0], module.num_patches, generator=generator, device=self.device)
+            loss, _, _ = module(images, mask_ratio=self.config.model.mask_ratio, noise=noise)
+        module.train(was_training)
+        return float(loss)
+
     def after_step(self) -> None:
-        if self.fixed is not None and self.step % self.config.log.recon_every == 0:
+        if (
+            self.fixed is not None
+            and self.config.log.recon_every
+            and self.step % self.config.log.recon_every == 0
+        ):
             grid = reconstruction_grid(
                 self.engine.module,
                 self.fixed,
@@ -80,6 +136,7 @@ class Pretrainer(Trainer):
         return dict(
             super().meta(),
             model={"name": self.config.model.name, "arch": self.arch},
+            init=self.init,
             norm_pix_loss=self.arch["norm_pix_loss"],
             mean=self.config.data.mean,
             std=self.config.data.std,

@@ -9,6 +9,7 @@ from the tensor shapes; explicit overrides win.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 from mim import checkpoint
 from mim.errors import UserInputError
 
+log = logging.getLogger(__name__)
 ENCODER_DROP_PREFIXES = ("decoder_", "mask_token")
 HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16}
 TIMM_NAMES = {  # (embed_dim, depth, patch) -> a timm architecture of that shape
@@ -42,6 +44,7 @@ class Weights:
     source: str  # what it was, for messages and model cards
     meta: dict[str, Any]
     decoder: dict[str, torch.Tensor]  # decoder weights when the source had them, else empty
+    guessed: frozenset[str] = frozenset()  # arch keys not stored in the source (num_heads of a bare file)
 
 
 class BadCheckpoint(UserInputError):
@@ -142,7 +145,16 @@ def load_weights(spec: str) -> Weights:
         state = _torch_file(path)
     state = _split_known_prefixes(state)
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
-    return _weights(state, infer_arch(state, str(path)), f"weights file {path}", {})
+    weights = _weights(state, infer_arch(state, str(path)), f"weights file {path}", {})
+    if weights.arch["embed_dim"] not in HEADS_BY_WIDTH:
+        log.warning(
+            "%s: num_heads is not stored in the file; guessed %d (64 channels per head): set "
+            "model.num_heads if that is wrong",
+            path,
+            weights.arch["num_heads"],
+        )
+    weights.guessed = frozenset({"num_heads"})
+    return weights
 
 
 def _from_export(directory: Path) -> Weights:

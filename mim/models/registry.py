@@ -106,3 +106,20 @@ def mae_vit_debug() -> dict[str, Any]:
         decoder_depth=1,
         decoder_num_heads=2,
     )
+
+
+@register_model
+def mae_vit_demo_patch7() -> dict[str, Any]:
+    """The CPU demo's model: 28x28 grey images, 16 patches of 7x7; ~1500 pretraining images/s on 2 cores."""
+    return dict(
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        embed_dim=128,
+        depth=4,
+        num_heads=4,
+        decoder_embed_dim=64,
+        decoder_depth=2,
+        decoder_num_heads=4,
+        norm_pix_loss=True,
+    )

@@ -1,0 +1,164 @@
+"""`mim linprobe` and `mim finetune` through the real CLI on real Fashion-MNIST shards."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mim import checkpoint
+from mim.data.shards import write_shards
+from mim.models import create_model
+from tests.conftest import REPO, cli_env, fashion_mnist_subset, free_port, run_cli
+
+pytestmark = pytest.mark.slow
+GREY = (
+    "data.mean=[0.286]",
+    "data.std=[0.353]",
+    "model.num_heads=4",
+)  # 128 wide: heads are not the usual 64 wide
+
+
+@pytest.fixture(scope="module")
+def official_checkpoint(tmp_path_factory):
+    """An official-layout MAE checkpoint: {'model': state dict with official names, decoder included}."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("official") / "mae_pretrain_demo.pth"
+    torch.save({"model": create_model("mae_vit_demo_patch7").state_dict(), "epoch": 799}, path)
+    return path
+
+
+def classify(stage, shards, run_dir, *overrides, config=None):
+    return run_cli(
+        stage,
+        "--config",
+        config or f"configs/{stage}/debug.yaml",
+        f"data.train={shards['train']}",
+        f"data.val={shards['val']}",
+        f"run.dir={run_dir}",
+        *GREY,
+        *overrides,
+    )
+
+
+def metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_probe_learns_far_above_chance_and_leaves_the_backbone_untouched(
+    tmp_path, fmnist_shards, official_checkpoint
+):
+    result = classify(
+        "linprobe",
+        fmnist_shards,
+        tmp_path / "probe",
+        f"init.from={official_checkpoint}",
+        "model.global_pool=avg",
+        "probe.blrs=[10.0,100.0,1000.0]",
+        "schedule.epochs=8",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = metrics(tmp_path / "probe")
+    assert report["load_report"] == {"missing": [], "unexpected": []}
+    assert report["final"]["num_samples"] == 250 and len(report["evaluations"]) == 8
+    assert report["best"]["top1"] > 40.0  # chance is 10 %; a random 4-block encoder, 8 short epochs
+    assert report["best"]["top5"] >= report["best"]["top1"]
+    probe_weights = load_file(str(checkpoint.latest_checkpoint(tmp_path / "probe") / checkpoint.WEIGHTS_FILE))
+    original = torch.load(official_checkpoint, weights_only=True)["model"]
+    backbone = {k[len("backbone.") :]: v for k, v in probe_weights.items() if k.startswith("backbone.")}
+    assert backbone.keys() == {k for k in original if not k.startswith(("decoder", "mask_token"))}
+    assert all(torch.equal(backbone[k], original[k]) for k in backbone)
+
+
+def test_official_checkpoint_fine_tunes_and_reports_what_it_adds(
+    tmp_path, fmnist_shards, official_checkpoint
+):
+    result = classify(
+        "finetune",
+        fmnist_shards,
+        tmp_path / "ft",
+        f"init.from={official_checkpoint}",
+        "augment.randaug=rand-m9-mstd0.5-inc1",
+        "augment.mixup=0.8",
+        "augment.cutmix=1.0",
+        "augment.reprob=0.25",
+        "model.drop_path=0.1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = metrics(tmp_path / "ft")
+    assert report["load_report"] == {
+        "missing": ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"],
+        "unexpected": ["norm.bias", "norm.weight"],
+    }
+    assert report["final"]["num_samples"] == 250
+
+
+def test_from_scratch_and_a_different_eval_size_resample_positions(
+    tmp_path, fmnist_shards, official_checkpoint
+):
+    scratch = classify(
+        "finetune",
+        fmnist_shards,
+        tmp_path / "scratch",
+        "init.from=none",
+        "model.name=mae_vit_demo_patch7",
+        "schedule.epochs=1",
+    )
+    assert scratch.returncode == 0, scratch.stderr[-3000:]
+    assert metrics(tmp_path / "scratch")["backbone"] == "random init (init.from=none)"
+    bigger = classify(
+        "linprobe",
+        fmnist_shards,
+        tmp_path / "bigger",
+        f"init.from={official_checkpoint}",
+        "model.img_size=35",
+        "schedule.epochs=1",
+    )  # 5x5 patches instead of 4x4
+    assert bigger.returncode == 0, bigger.stderr[-3000:]
+    assert metrics(tmp_path / "bigger")["arch"]["img_size"] == 35
+
+
+def test_wrong_checkpoints_fail_clearly_before_work(tmp_path, fmnist_shards):
+    not_a_vit = tmp_path / "other.pth"
+    torch.save({"model": {"conv1.weight": torch.zeros(3, 3)}}, not_a_vit)
+    result = classify("linprobe", fmnist_shards, tmp_path / "a", f"init.from={not_a_vit}")
+    assert result.returncode == 2 and "does not hold a ViT encoder" in result.stderr
+    arbitrary = tmp_path / "arbitrary.pth"
+    arbitrary.write_bytes(pickle.dumps({"model": object()}))
+    result = classify("finetune", fmnist_shards, tmp_path / "b", f"init.from={arbitrary}")
+    assert result.returncode == 2 and "loads safely (weights_only)" in result.stderr
+    result = classify("linprobe", fmnist_shards, tmp_path / "c", f"init.from={tmp_path / 'missing.pth'}")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_two_ranks_count_every_validation_sample_once(tmp_path, fmnist_shards, official_checkpoint):
+    val = tmp_path / "val101"
+    write_shards(fashion_mnist_subset("test", 101), val, name="val", shard_size=40)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "pipelines.cli",
+        "linprobe",
+        "--config",
+        "configs/linprobe/debug.yaml",
+        f"data.train={fmnist_shards['train']}",
+        f"data.val={val}",
+        f"run.dir={tmp_path / 'run'}",
+        f"init.from={official_checkpoint}",
+        "data.num_workers=2",
+        "schedule.epochs=1",
+        *GREY,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics(tmp_path / "run")["final"]["num_samples"] == 101

@@ -1,0 +1,208 @@
+"""`mim export` and `init.from`: backbones that load strictly in timm with the same features, from
+any checkpoint (ZeRO-sharded included), and official checkpoints that start pretraining."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from mim import checkpoint
+from mim.data.shards import ShardSet, with_lengths
+from mim.data.streams import EvalStream, ViewSpec
+from mim.data.transforms import normalize_on_device
+from mim.models import create_model
+from tests.conftest import REPO, cli_env, free_port, run_cli
+
+pytestmark = pytest.mark.slow
+GREY = ("data.mean=[0.286]", "data.std=[0.353]")
+
+
+def pretrain(run_dir, shards, *overrides):
+    result = run_cli(
+        "pretrain",
+        "--config",
+        "configs/pretrain/debug.yaml",
+        f"data.train={shards}",
+        f"run.dir={run_dir}",
+        "run.checkpoint_every=100",
+        "schedule.warmup_epochs=0",
+        *overrides,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def export(source, out, *flags):
+    result = run_cli("export", str(source), "--out", str(out), *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "config.json").read_text())
+
+
+def timm_from_export(out, config):
+    """The three lines of the model card, plus timm's strict check (num_classes equal in the overlay)."""
+    return timm.create_model(
+        config["architecture"],
+        pretrained=True,
+        num_classes=0,
+        **config["model_args"],
+        pretrained_cfg_overlay=dict(config["pretrained_cfg"], file=str(out / "model.safetensors")),
+    )
+
+
+def assert_same_features(run_dir, out, config, channels, size):
+    model = timm_from_export(out, config).eval()
+    exported = load_file(str(out / "model.safetensors"))
+    assert set(model.state_dict()) == set(exported)  # strict: nothing missing, nothing unexpected
+    meta = checkpoint.read_meta(checkpoint.latest_checkpoint(run_dir))
+    mae = create_model(meta["model"]["name"], **meta["model"]["arch"]).eval()
+    mae.load_state_dict(checkpoint.load_weights(checkpoint.latest_checkpoint(run_dir)))
+    images = torch.randn(3, channels, size, size)
+    with torch.no_grad():
+        difference = (model.forward_features(images) - mae.forward_features(images)).abs().max()
+    assert difference <= 1e-5
+
+
+def test_default_geometry_round_trip(tmp_path, jpeg_shards):
+    """224 x 224 RGB, patch 16 (a narrow encoder, to stay fast)."""
+    run = tmp_path / "run"
+    pretrain(
+        run,
+        jpeg_shards,
+        "model.img_size=224",
+        "model.patch_size=16",
+        "schedule.epochs=0.25",
+        "data.batch_size=4",
+        "data.samples_per_epoch=32",
+    )
+    config = export(run, tmp_path / "out", "--with-decoder")
+    assert config["architecture"] == "vit_base_patch16_224"
+    assert config["pretrained_cfg"]["input_size"] == [3, 224, 224]
+    assert_same_features(run, tmp_path / "out", config, channels=3, size=224)
+    decoder = load_file(str(tmp_path / "out" / "decoder.safetensors"))
+    assert "mask_token" in decoder and "decoder_pred.weight" in decoder
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "samples seen" in card and "git sha" in card and str(jpeg_shards) in card
+
+
+def test_grey_28px_patch4_round_trip_and_bf16(tmp_path, fmnist_shards):
+    run = tmp_path / "run"
+    pretrain(
+        run, fmnist_shards["train"], "model.img_size=28", "model.patch_size=4", "model.in_chans=1", *GREY
+    )
+    config = export(run, tmp_path / "out")
+    assert config["model_args"]["in_chans"] == 1 and config["pretrained_cfg"]["mean"] == [0.286]
+    assert_same_features(run, tmp_path / "out", config, channels=1, size=28)
+    export(run, tmp_path / "bf16", "--dtype", "bf16")
+    assert all(
+        v.dtype == torch.bfloat16 for v in load_file(str(tmp_path / "bf16" / "model.safetensors")).values()
+    )
+
+
+def test_zero2_two_rank_checkpoint_exports_the_engine_weights(tmp_path, fmnist_shards):
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "pipelines.cli",
+        "pretrain",
+        "--config",
+        "configs/pretrain/debug.yaml",
+        f"data.train={fmnist_shards['train']}",
+        f"run.dir={run}",
+        "deepspeed.zero_stage=2",
+        "schedule.epochs=0.5",
+        "schedule.warmup_epochs=0",
+        "model.img_size=28",
+        "model.patch_size=7",
+        "model.in_chans=1",
+        *GREY,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    latest = checkpoint.latest_checkpoint(run)
+    assert len(list(latest.glob("*zero_pp_rank_*_optim_states.pt"))) == 2  # really sharded over 2 ranks
+    export(run, tmp_path / "out")
+    exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    held = checkpoint.load_weights(latest)  # what rank 0's engine module held when it saved
+    assert exported.keys() == {k for k in held if not k.startswith(("decoder", "mask_token"))}
+    assert all(torch.equal(exported[k], held[k]) for k in exported)
+
+
+def test_probe_and_finetune_checkpoints_export_too(tmp_path, fmnist_shards):
+    run = tmp_path / "pre"
+    pretrain(
+        run, fmnist_shards["train"], "model.img_size=28", "model.patch_size=7", "model.in_chans=1", *GREY
+    )
+    for stage in ("linprobe", "finetune"):
+        result = run_cli(
+            stage,
+            "--config",
+            f"configs/{stage}/debug.yaml",
+            f"data.train={fmnist_shards['train']}",
+            f"data.val={fmnist_shards['val']}",
+            f"run.dir={tmp_path / stage}",
+            f"init.from={run}",
+            "schedule.epochs=0.5",
+            *GREY,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        config = export(tmp_path / stage, tmp_path / f"{stage}-out")
+        model = timm_from_export(tmp_path / f"{stage}-out", config)
+        assert set(model.state_dict()) == set(load_file(str(tmp_path / f"{stage}-out" / "model.safetensors")))
+        assert "top-1" in (tmp_path / f"{stage}-out" / "README.md").read_text()
+    assert config["global_pool"] == "avg" and "fc_norm.weight" in model.state_dict()
+
+
+def test_export_of_a_non_checkpoint_fails_clearly(tmp_path):
+    result = run_cli("export", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "neither a mim run dir nor a complete mim checkpoint" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _fixed_batch_loss(model, shards_dir, seed, mean, std):
+    first = with_lengths(ShardSet([str(sorted(shards_dir.glob("*.tar"))[0])], None, []))
+    spec = ViewSpec(model.patch_embed.img_size[0], "L")
+    images = torch.stack([image for image, _, _ in list(EvalStream(first, spec, 0, 1, 1.0))[:8]])
+    normalized = normalize_on_device(images, mean, std)
+    noise = torch.rand(8, model.num_patches, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(normalized, mask_ratio=0.75, noise=noise)[0].item()
+
+
+@pytest.mark.parametrize("with_decoder", [True, False])
+def test_official_checkpoint_initialises_pretraining(tmp_path, fmnist_shards, with_decoder):
+    torch.manual_seed(5)
+    official = create_model("mae_vit_demo_patch7")
+    state = official.state_dict()
+    if not with_decoder:  # released MAE checkpoints have no decoder
+        state = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
+    torch.save({"model": state}, tmp_path / "official.pth")
+    run = tmp_path / "run"
+    pretrain(
+        run,
+        fmnist_shards["train"],
+        "model.name=mae_vit_demo_patch7",
+        "model.img_size=28",
+        f"init.from={tmp_path / 'official.pth'}",
+        "run.seed=3",
+        "schedule.epochs=0.25",
+        *GREY,
+    )
+    init = checkpoint.read_meta(checkpoint.latest_checkpoint(run))["init"]
+    if with_decoder:
+        assert init["new"] == []
+        expected = _fixed_batch_loss(official, fmnist_shards["train"], 3, [0.286], [0.353])
+        assert init["loss_at_step0"] == pytest.approx(expected, rel=1e-6)
+    else:
+        assert "decoder_pred.weight" in init["new"] and "mask_token" in init["new"]
+        assert not any(k.startswith(("blocks", "patch_embed", "cls_token")) for k in init["new"])
