@@ -11,6 +11,7 @@ STAGES = {
     "linprobe": "linear probing of a backbone: frozen encoder, several heads, top-1/top-5",
     "finetune": "supervised fine-tuning of a backbone (or from scratch with init.from=none)",
     "export": "a backbone for timm: model.safetensors + config.json + model card",
+    "submit": "render slurm/mim.sbatch for a stage (or a chain of stages) and submit it",
 }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -206,6 +207,13 @@ class EvalStream(IterableDataset):
                 yield image, label, index
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Stop signals are for the training process, which checkpoints; a worker killed by one would
+    break the batch the main process is waiting for."""
+    for number in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+
+
 def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
     return DataLoader(
         stream,
@@ -214,10 +222,15 @@ def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
+        worker_init_fn=_ignore_stop_signals,
     )
 
 
 def eval_loader(stream: EvalStream, batch_size: int, num_workers: int) -> DataLoader:
     return DataLoader(
-        stream, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available()
+        stream,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_ignore_stop_signals,
     )
