@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mim.errors import UserInputError
+from mim.errors import TrainingStopped, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -145,20 +145,30 @@ def save(
     keep_last: int,
     barrier: Any,
 ) -> Path:
-    """Saves a complete checkpoint; every rank calls it. Returns the final directory."""
+    """Saves a complete checkpoint; every rank calls it. Returns the final directory. A failed
+    write (disk full, quota) leaves the previous checkpoints as they were."""
     root = Path(run_dir) / CHECKPOINT_DIR
     temporary = root / temporary_name(step)
     final = root / step_name(step)
     if rank == 0:
         shutil.rmtree(temporary, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(root), tag=temporary.name, save_latest=False)
-    save_rank_state(temporary, rank, rank_state)
-    if rank == 0:
-        weights = {k: v.detach().float().cpu().contiguous() for k, v in engine.module.state_dict().items()}
-        save_file(weights, str(temporary / WEIGHTS_FILE))
-        meta = dict(meta, step=step, versions=versions(), git_sha=git_sha())
-        (temporary / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    try:
+        engine.save_checkpoint(str(root), tag=temporary.name, save_latest=False)
+        save_rank_state(temporary, rank, rank_state)
+        if rank == 0:
+            weights = {
+                k: v.detach().float().cpu().contiguous() for k, v in engine.module.state_dict().items()
+            }
+            save_file(weights, str(temporary / WEIGHTS_FILE))
+            meta = dict(meta, step=step, versions=versions(), git_sha=git_sha())
+            (temporary / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    except (OSError, RuntimeError) as error:  # DeepSpeed reports a failed torch.save as RuntimeError
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise TrainingStopped(
+            f"could not write the checkpoint of step {step} to {temporary}: {error}; "
+            f"the last complete checkpoint, {latest_checkpoint(run_dir)}, is untouched"
+        ) from error
     barrier()
     if rank == 0:
         if final.exists():  # a checkpoint of the same step from before a crash: replace it

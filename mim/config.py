@@ -187,7 +187,7 @@ def load_yaml_chain(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, 
     """Reads a YAML file and the chain of `base:` files under it, merged base-first."""
     path = Path(path).resolve()
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist or is not a file")
     if path in seen:
         raise ConfigError(f"config file {path} names itself as a base (cycle: {[str(p) for p in seen]})")
     try:

@@ -37,25 +37,44 @@ class JobSpec:
 
     def check(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 0 or self.cpus_per_task < 1:
-            raise UserInputError(f"--nodes must be >= 1, --gpus-per-node >= 0, --cpus-per-task >= 1 (got "
-                                 f"{self.nodes}, {self.gpus_per_node}, {self.cpus_per_task})")
+            raise UserInputError(
+                f"--nodes must be >= 1, --gpus-per-node >= 0, --cpus-per-task >= 1 (got "
+                f"{self.nodes}, {self.gpus_per_node}, {self.cpus_per_task})"
+            )
         if not _TIME.match(self.time):
             raise UserInputError(f"--time {self.time!r} is not a Slurm time (e.g. 30, 4:00:00, 2-00:00:00)")
-        if self.dependency and not re.match(r"^(after|afterok|afterany|afternotok|singleton)", self.dependency):
-            raise UserInputError(f"--dependency {self.dependency!r} is not a Slurm dependency (e.g. afterok:123)")
+        if self.dependency and not re.match(
+            r"^(after|afterok|afterany|afternotok|singleton)", self.dependency
+        ):
+            raise UserInputError(
+                f"--dependency {self.dependency!r} is not a Slurm dependency (e.g. afterok:123)"
+            )
 
 
 def sbatch_options(spec: JobSpec) -> list[str]:
     tasks = spec.tasks_per_node or max(1, spec.gpus_per_node)
     options = [
-        f"--job-name={spec.job_name}", f"--nodes={spec.nodes}", f"--ntasks-per-node={tasks}",
-        f"--cpus-per-task={spec.cpus_per_task}", f"--time={spec.time}", f"--signal=B:USR1@{spec.grace_seconds}",
-        "--requeue", "--open-mode=append", f"--output={spec.log_dir}/slurm-%j.out",
+        f"--job-name={spec.job_name}",
+        f"--nodes={spec.nodes}",
+        f"--ntasks-per-node={tasks}",
+        f"--cpus-per-task={spec.cpus_per_task}",
+        f"--time={spec.time}",
+        f"--signal=B:USR1@{spec.grace_seconds}",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={spec.log_dir}/slurm-%j.out",
     ]
     if spec.gpus_per_node:
         options.append(f"--gpus-per-node={spec.gpus_per_node}")
-    options += [f"--{name}={value}" for name, value in (("partition", spec.partition), ("account", spec.account),
-                                                          ("dependency", spec.dependency)) if value]
+    options += [
+        f"--{name}={value}"
+        for name, value in (
+            ("partition", spec.partition),
+            ("account", spec.account),
+            ("dependency", spec.dependency),
+        )
+        if value
+    ]
     return options
 
 

@@ -16,11 +16,12 @@ import torch
 
 from mim.config import write_config
 from mim.distributed import DistEnv, any_rank, init_distributed, read_dist_env, shutdown
-from mim.errors import UserInputError
+from mim.errors import TrainingStopped, UserInputError
 from mim.runtime import RunDirBusy, RunLock, StopSignal, setup_logging
 
 USER_ERRORS = (UserInputError, FileNotFoundError, NotADirectoryError, PermissionError, RunDirBusy)
 EXIT_USER_ERROR = 2
+EXIT_TRAINING_STOPPED = 3
 
 
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -33,7 +34,8 @@ def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def reports_user_errors(prog: str) -> Callable:
-    """Wraps a stage's main: a user's mistake prints `prog: error: ...` and exits 2."""
+    """Wraps a stage's main: a user's mistake prints `prog: error: ...` and exits 2; training that
+    cannot go on prints `prog: stopped: ...` and exits 3; anything else keeps its traceback."""
 
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
@@ -44,6 +46,9 @@ def reports_user_errors(prog: str) -> Callable:
                 logging.getLogger(prog).debug("user error", exc_info=True)
                 print(f"{prog}: error: {error}", file=sys.stderr)
                 return EXIT_USER_ERROR
+            except TrainingStopped as error:
+                print(f"{prog}: stopped: {error}", file=sys.stderr)
+                return EXIT_TRAINING_STOPPED
 
         return wrapped
 

@@ -21,8 +21,9 @@ TRAINING_STAGES = {"pretrain": PretrainConfig, "linprobe": ClassifyConfig, "fine
 
 
 def cluster_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mim submit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mim submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("stage", choices=[*TRAINING_STAGES, "export", "chain"])
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=0)
@@ -41,17 +42,33 @@ def cluster_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def spec_for(args: argparse.Namespace, stage: str, arguments: list[str], log_dir: Path,
-             dependency: str | None) -> JobSpec:
-    return JobSpec(stage=stage, arguments=arguments, log_dir=log_dir.resolve(), nodes=args.nodes,
-                   gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-                   cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
-                   dependency=dependency, grace_seconds=args.grace, max_requeues=args.max_requeues,
-                   job_name=f"mim-{stage}")
+def spec_for(
+    args: argparse.Namespace, stage: str, arguments: list[str], log_dir: Path, dependency: str | None
+) -> JobSpec:
+    return JobSpec(
+        stage=stage,
+        arguments=arguments,
+        log_dir=log_dir.resolve(),
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        dependency=dependency,
+        grace_seconds=args.grace,
+        max_requeues=args.max_requeues,
+        job_name=f"mim-{stage}",
+    )
 
 
-def training_job(args, stage: str, config: str | None, overrides: list[str], dependency: str | None) -> JobSpec:
-    resolved = load_config(TRAINING_STAGES[stage], config, overrides)  # types and keys checked before submitting
+def training_job(
+    args, stage: str, config: str | None, overrides: list[str], dependency: str | None
+) -> JobSpec:
+    resolved = load_config(
+        TRAINING_STAGES[stage], config, overrides
+    )  # types and keys checked before submitting
     run_dir = check_run_dir(resolved.run.dir)
     arguments = (["--config", config] if config else []) + overrides
     return spec_for(args, stage, arguments, run_dir, dependency)
@@ -70,23 +87,39 @@ def send(spec: JobSpec, dry_run: bool) -> str:
 
 def chain(args, rest: list[str]) -> None:
     if not (rest and rest[0] == "--config" and args.linprobe_config and args.run_root):
-        raise UserInputError("mim submit chain needs --config PRETRAIN.yaml --linprobe-config L.yaml --run-root DIR")
+        raise UserInputError(
+            "mim submit chain needs --config PRETRAIN.yaml --linprobe-config L.yaml --run-root DIR"
+        )
     config, overrides = rest[1], rest[2:]
-    per_stage = {stage: [o.split(".", 1)[1] for o in overrides if o.startswith(f"{stage}.")]
-                 for stage in ("pretrain", "export", "linprobe", "finetune")}
+    per_stage = {
+        stage: [o.split(".", 1)[1] for o in overrides if o.startswith(f"{stage}.")]
+        for stage in ("pretrain", "export", "linprobe", "finetune")
+    }
     stray = [o for o in overrides if o.split(".", 1)[0] not in per_stage]
     if stray:
-        raise UserInputError(f"chain overrides must name their stage (pretrain./linprobe./finetune.): {stray}")
+        raise UserInputError(
+            f"chain overrides must name their stage (pretrain./linprobe./finetune.): {stray}"
+        )
     root = args.run_root.resolve()
-    pretrain = training_job(args, "pretrain", config, per_stage["pretrain"] + [f"run.dir={root / 'pretrain'}"], None)
+    pretrain = training_job(
+        args, "pretrain", config, per_stage["pretrain"] + [f"run.dir={root / 'pretrain'}"], None
+    )
     job = send(pretrain, args.dry_run)
-    export = spec_for(args, "export", [str(root / "pretrain"), "--out", str(root / "export")], root / "pretrain",
-                      f"afterok:{job}")
+    export = spec_for(
+        args,
+        "export",
+        [str(root / "pretrain"), "--out", str(root / "export")],
+        root / "pretrain",
+        f"afterok:{job}",
+    )
     export_job = send(export, args.dry_run)
     for stage, stage_config in (("linprobe", args.linprobe_config), ("finetune", args.finetune_config)):
         if stage_config:
             stage_overrides = per_stage[stage] + [f"run.dir={root / stage}", f"init.from={root / 'export'}"]
-            send(training_job(args, stage, stage_config, stage_overrides, f"afterok:{export_job}"), args.dry_run)
+            send(
+                training_job(args, stage, stage_config, stage_overrides, f"afterok:{export_job}"),
+                args.dry_run,
+            )
 
 
 @reports_user_errors("mim submit")
@@ -101,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         send(spec_for(args, "export", rest, out, args.dependency), args.dry_run)
     else:
         config = rest[rest.index("--config") + 1] if "--config" in rest else None
-        overrides = [a for i, a in enumerate(rest) if a != "--config" and (i == 0 or rest[i - 1] != "--config")]
+        overrides = [
+            a for i, a in enumerate(rest) if a != "--config" and (i == 0 or rest[i - 1] != "--config")
+        ]
         send(training_job(args, args.stage, config, overrides, args.dependency), args.dry_run)
     return 0
 

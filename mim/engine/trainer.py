@@ -24,17 +24,18 @@ from mim.data.transforms import normalize_on_device
 from mim.distributed import DistEnv, all_reduce_sum, any_rank, barrier
 from mim.engine.deepspeed_engine import EngineSettings, build_engine, engine_param_groups, resolve_precision
 from mim.engine.schedule import apply_lr, warmup_cosine
+from mim.errors import TrainingStopped
 from mim.recipe import make_plan
 from mim.runtime import Progress, StopSignal, format_duration
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(TrainingStopped):
     pass
 
 
-class TooManyBadSamples(RuntimeError):
+class TooManyBadSamples(TrainingStopped):
     pass
 
 
