@@ -148,6 +148,9 @@ class ClassifyOptimConfig(OptimConfig):
 @dataclass
 class ProbeConfig:
     blrs: list[float] = field(default_factory=lambda: [0.1])  # one head per base lr, trained together
+    # Run the frozen backbone once (centre crops) and train the heads on the cached features:
+    # many epochs for the price of one; gives up the protocol's RandomResizedCrop augmentation.
+    cache_features: bool = False
 
 
 @dataclass

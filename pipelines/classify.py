@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mim.config import ClassifyConfig, load_config
 from mim.data.streams import ViewSpec
-from mim.engine.classifier import ClassifierTrainer
+from mim.engine.classifier import CachedFeatureProbe, ClassifierTrainer
 from mim.engine.optim import param_groups
 from mim.models.classifier import build_finetune_vit, build_linear_probe
 from mim.recipe import ClassifyInputs, check_classify
@@ -77,7 +77,9 @@ def run(stage: str, argv: list[str] | None, description: str) -> int:
             report["missing"],
             report["unexpected"],
         )
-        trainer = ClassifierTrainer(
+        cached = stage == "linprobe" and config.probe.cache_features
+        trainer_class = CachedFeatureProbe if cached else ClassifierTrainer
+        trainer = trainer_class(
             stage,
             config,
             model,

@@ -12,6 +12,8 @@ STAGES = {
     "finetune": "supervised fine-tuning of a backbone (or from scratch with init.from=none)",
     "export": "a backbone for timm: model.safetensors + config.json + model card",
     "submit": "render slurm/mim.sbatch for a stage (or a chain of stages) and submit it",
+    "visualize": "reconstruction pictures from a pretraining checkpoint",
+    "demo": "the whole chain on CPU on Fashion-MNIST, with a results table and pictures",
 }
 
 

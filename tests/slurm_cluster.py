@@ -22,11 +22,17 @@ def ensure_installed() -> None:
     if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
         return
     if os.geteuid() != 0:
-        raise SlurmUnavailable("Slurm is not installed and this is not root (apt-get install slurm-wlm munge)")
+        raise SlurmUnavailable(
+            "Slurm is not installed and this is not root (apt-get install slurm-wlm munge)"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES], check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
 
 
 SLURM_CONF = """\
@@ -83,11 +89,28 @@ class LocalSlurm:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         munge = self.root / "munge"
-        subprocess.run(["munged", "--force", f"--key-file={key}", f"--socket={munge}/munge.socket",
-                        f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
-                        f"--seed-file={munge}/munged.seed"], check=True, capture_output=True)
-        self.conf.write_text(SLURM_CONF.format(host=self.host, root=self.root, cpus=os.cpu_count(),
-                                               ctld_port=_free_port(), slurmd_port=_free_port()))
+        subprocess.run(
+            [
+                "munged",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={munge}/munge.socket",
+                f"--pid-file={munge}/munged.pid",
+                f"--log-file={munge}/munged.log",
+                f"--seed-file={munge}/munged.seed",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self.conf.write_text(
+            SLURM_CONF.format(
+                host=self.host,
+                root=self.root,
+                cpus=os.cpu_count(),
+                ctld_port=_free_port(),
+                slurmd_port=_free_port(),
+            )
+        )
         subprocess.run(["slurmctld"], check=True, env=self.env, capture_output=True)
         subprocess.run(["slurmd"], check=True, env=self.env, capture_output=True)
         self.wait_until_idle()
@@ -145,4 +168,6 @@ class LocalSlurm:
             if state in states:
                 return state
             time.sleep(1)
-        raise TimeoutError(f"job {job_id} did not reach {states} (state {self.job_state(job_id)}): {self.log_tail()}")
+        raise TimeoutError(
+            f"job {job_id} did not reach {states} (state {self.job_state(job_id)}): {self.log_tail()}"
+        )

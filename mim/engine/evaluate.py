@@ -70,16 +70,20 @@ def extract_features(
     batch_size: int,
     num_workers: int,
     crop_fraction: float,
+    l2_normalize: bool = True,
+    gather: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features and labels of the whole split, gathered on every rank."""
+    """Features and labels of this rank's share of the split (each sample once across ranks);
+    with `gather`, the whole split on every rank."""
     stream = EvalStream(shards, spec, env.rank, env.world_size, crop_fraction)
     features, labels = [], []
     for images, batch_labels, _ in eval_loader(stream, batch_size, num_workers):
-        features.append(F.normalize(features_of(images.to(device)).float(), dim=-1))
+        batch_features = features_of(images.to(device)).float()
+        features.append(F.normalize(batch_features, dim=-1) if l2_normalize else batch_features)
         labels.append(batch_labels.to(device))
     local = torch.cat(features) if features else torch.zeros(0, 0, device=device)
     local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not gather or not (dist.is_initialized() and dist.get_world_size() > 1):
         return local, local_labels
     return _gather_uneven(local), _gather_uneven(local_labels)
 
@@ -113,3 +117,9 @@ def knn_classify(
         votes.scatter_add_(1, train_labels[top_index], (top_similarity / temperature).exp())
         scores.append(votes)
     return torch.cat(scores)
+
+
+def top_k_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(2, H): top-1 and top-5 hits of each head; logits (H, N, C)."""
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    return torch.stack([(top[..., 0] == labels).sum(-1), (top == labels[:, None]).any(-1).sum(-1)]).float()

@@ -17,6 +17,7 @@ class LinearProbe(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, num_heads: int) -> None:
         super().__init__()
         self.backbone = backbone.requires_grad_(False)
+        self.takes_features = False  # set by a probe that feeds cached backbone features
         width = backbone.num_features
         self.heads = nn.ModuleList(
             nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6), nn.Linear(width, num_classes))
@@ -32,6 +33,8 @@ class LinearProbe(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.takes_features:  # cached features of the frozen backbone: (N, D)
+            return torch.stack([head(images) for head in self.heads])
         with torch.no_grad():
             features = self.backbone(images)  # (N, D): the cls token or the patch average
         return torch.stack([head(features) for head in self.heads])  # (H, N, C)

@@ -20,17 +20,37 @@ from mim import checkpoint
 from tests.conftest import REPO, cli_env, run_cli
 
 pytestmark = pytest.mark.slow
-GREY = ("data.mean=[0.286]", "data.std=[0.353]", "model.img_size=28", "model.patch_size=7", "model.in_chans=1")
+GREY = (
+    "data.mean=[0.286]",
+    "data.std=[0.353]",
+    "model.img_size=28",
+    "model.patch_size=7",
+    "model.in_chans=1",
+)
 
 
 def args(run_dir, shards, *overrides):
-    return ["pretrain", "--config", "configs/pretrain/debug.yaml", f"data.train={shards}", f"run.dir={run_dir}",
-            *GREY, *overrides]
+    return [
+        "pretrain",
+        "--config",
+        "configs/pretrain/debug.yaml",
+        f"data.train={shards}",
+        f"run.dir={run_dir}",
+        *GREY,
+        *overrides,
+    ]
 
 
 def start(run_dir, shards, *overrides, **popen):
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args(run_dir, shards, *overrides)], cwd=REPO,
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", *args(run_dir, shards, *overrides)],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def weights(run_dir):
@@ -51,7 +71,13 @@ def wait_for_checkpoint(run_dir, newer_than=None):
 
 
 def test_kill_9_at_random_moments_then_resume_gives_identical_weights(tmp_path, fmnist_shards):
-    common = ("schedule.epochs=8", "run.checkpoint_every=1", "log.every=4", "data.num_workers=1", "run.keep_last=2")
+    common = (
+        "schedule.epochs=8",
+        "run.checkpoint_every=1",
+        "log.every=4",
+        "data.num_workers=1",
+        "run.keep_last=2",
+    )
     straight = run_cli(*args(tmp_path / "straight", fmnist_shards["train"], *common))
     assert straight.returncode == 0, straight.stderr[-3000:]
     run, rng, killed_mid_write = tmp_path / "killed", random.Random(0), 0
@@ -79,8 +105,17 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_weights(tmp_path, 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, fmnist_shards):
     run = tmp_path / "run"
-    result = run_cli(*args(run, fmnist_shards["train"], "optim.lr=1.0e+12", "schedule.warmup_epochs=0",
-                           "run.checkpoint_every=1", "log.every=1", "model.norm_pix_loss=false"))
+    result = run_cli(
+        *args(
+            run,
+            fmnist_shards["train"],
+            "optim.lr=1.0e+12",
+            "schedule.warmup_epochs=0",
+            "run.checkpoint_every=1",
+            "log.every=1",
+            "model.norm_pix_loss=false",
+        )
+    )
     assert result.returncode == 3, result.stderr[-3000:]
     assert "loss became NaN/inf at step" in result.stderr and "last good one" in result.stderr
     last_good = checkpoint.latest_checkpoint(run)
@@ -91,19 +126,27 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 def _file_size_limit(limit_bytes):
     def apply():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
     return apply
 
 
-def test_full_disk_while_checkpointing_is_a_clear_error_and_the_previous_checkpoint_loads(tmp_path, fmnist_shards):
+def test_full_disk_while_checkpointing_is_a_clear_error_and_the_previous_checkpoint_loads(
+    tmp_path, fmnist_shards
+):
     run = tmp_path / "run"
     first = run_cli(*args(run, fmnist_shards["train"], "run.stop_after=4", "run.checkpoint_every=4"))
     assert first.returncode == 0, first.stderr[-3000:]
     good = checkpoint.latest_checkpoint(run)
     before = {p.name: p.stat().st_mtime_ns for p in good.iterdir()}
     # A file-size limit below the checkpoint's size: writes fail with EFBIG, as on a full disk.
-    full = subprocess.run([sys.executable, "-m", "pipelines.cli", *args(run, fmnist_shards["train"],
-                                                                         "run.checkpoint_every=4")],
-                          cwd=REPO, env=cli_env(), capture_output=True, text=True, preexec_fn=_file_size_limit(60_000))
+    full = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args(run, fmnist_shards["train"], "run.checkpoint_every=4")],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit(60_000),
+    )
     assert full.returncode == 3, full.stderr[-3000:]
     assert "could not write the checkpoint of step 8" in full.stderr and "is untouched" in full.stderr
     assert checkpoint.latest_checkpoint(run) == good
@@ -124,7 +167,9 @@ def test_second_process_on_the_same_run_dir_is_refused(tmp_path, fmnist_shards):
     finally:
         first.kill()
         first.wait()
-    after_death = run_cli(*args(run, fmnist_shards["train"], "schedule.epochs=1"))  # a killed holder frees the lock
+    after_death = run_cli(
+        *args(run, fmnist_shards["train"], "schedule.epochs=1")
+    )  # a killed holder frees the lock
     assert after_death.returncode == 0, after_death.stderr[-3000:]
 
 
@@ -143,18 +188,25 @@ def test_resuming_with_another_architecture_is_refused(tmp_path, fmnist_shards):
     assert run_cli(*args(run, fmnist_shards["train"], "run.stop_after=2")).returncode == 0
     listing = sorted(p.name for p in (run / "checkpoints").iterdir())
     result = run_cli(*args(run, fmnist_shards["train"], "model.depth=3"))
-    assert result.returncode == 2 and "cannot resume from" in result.stderr and "use a new run.dir" in result.stderr
+    assert (
+        result.returncode == 2
+        and "cannot resume from" in result.stderr
+        and "use a new run.dir" in result.stderr
+    )
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == listing
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("optim.blrr=1",), "did you mean 'optim.blr'"),
-    (("data.batch_size=[1]",), "expects int"),
-    (("optim.accum_steps=0",), "accum_steps must be at least 1"),
-    (("model.img_size=30",), "not a multiple of model.patch_size"),
-    (("data.train=/nonexistent/train-{000000..000009}.tar",), "missing file"),
-    (("init.from=/etc/hostname",), "not a weights file that loads safely"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("optim.blrr=1",), "did you mean 'optim.blr'"),
+        (("data.batch_size=[1]",), "expects int"),
+        (("optim.accum_steps=0",), "accum_steps must be at least 1"),
+        (("model.img_size=30",), "not a multiple of model.patch_size"),
+        (("data.train=/nonexistent/train-{000000..000009}.tar",), "missing file"),
+        (("init.from=/etc/hostname",), "not a weights file that loads safely"),
+    ],
+)
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path, fmnist_shards, overrides, message):
     result = run_cli(*args(tmp_path / "run", fmnist_shards["train"], *overrides))
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]

@@ -14,7 +14,13 @@ from tests.conftest import run_cli
 from tests.slurm_cluster import LocalSlurm, SlurmUnavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
-GREY = ("data.mean=[0.286]", "data.std=[0.353]", "model.img_size=28", "model.patch_size=7", "model.in_chans=1")
+GREY = (
+    "data.mean=[0.286]",
+    "data.std=[0.353]",
+    "model.img_size=28",
+    "model.patch_size=7",
+    "model.in_chans=1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +42,17 @@ def submit(slurm, *args):
 
 
 def pretrain_job(slurm, run_dir, shards, *overrides, tasks=1):
-    return submit(slurm, "pretrain", "--config", "configs/pretrain/debug.yaml", f"data.train={shards}",
-                  f"run.dir={run_dir}", f"--tasks-per-node={tasks}", *GREY, *overrides)[0]
+    return submit(
+        slurm,
+        "pretrain",
+        "--config",
+        "configs/pretrain/debug.yaml",
+        f"data.train={shards}",
+        f"run.dir={run_dir}",
+        f"--tasks-per-node={tasks}",
+        *GREY,
+        *overrides,
+    )[0]
 
 
 def job_log(run_dir, job_id):
@@ -48,7 +63,9 @@ def wait_for_step(run_dir, job_id, step, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         path = run_dir / f"slurm-{job_id}.out"
-        steps = [int(s) for s in re.findall(r"pretrain step (\d+)/", path.read_text())] if path.exists() else []
+        steps = (
+            [int(s) for s in re.findall(r"pretrain step (\d+)/", path.read_text())] if path.exists() else []
+        )
         if steps and max(steps) >= step:
             return max(steps)
         time.sleep(0.5)
@@ -79,8 +96,13 @@ def test_submitted_pretraining_runs_to_the_end(slurm, tmp_path, fmnist_shards):
 @pytest.mark.parametrize("how", ["usr1", "requeue"])
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path, fmnist_shards, how):
     run = tmp_path / "run"
-    long_run = ("schedule.epochs=25", "log.every=5", "run.checkpoint_every=40", "run.stop_check_every=1",
-                "log.recon_every=0")  # 200 steps of 8 samples: preempted well before the end
+    long_run = (
+        "schedule.epochs=25",
+        "log.every=5",
+        "run.checkpoint_every=40",
+        "run.stop_check_every=1",
+        "log.recon_every=0",
+    )  # 200 steps of 8 samples: preempted well before the end
     job = pretrain_job(slurm, run, fmnist_shards["train"], *long_run)
     reached = wait_for_step(run, job, 60)
     if how == "usr1":
@@ -88,7 +110,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path, fmnist_
     else:
         slurm.run("scontrol", "requeue", job)
     expedite_requeued(slurm, job)
-    assert slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=600) == "COMPLETED", job_log(run, job)
+    assert slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=600) == "COMPLETED", job_log(
+        run, job
+    )
     log = job_log(run, job)
     assert int(slurm.job_field(job, "Restarts")) >= 1
     stopped = [int(s) for s in re.findall(r"stopped at step (\d+) of 200 \(signal\)", log)]
@@ -103,11 +127,22 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path, fmnist_
 
 def test_chain_pretrain_export_linprobe(slurm, tmp_path, fmnist_shards):
     root = tmp_path / "chain"
-    jobs = submit(slurm, "chain", "--config", "configs/pretrain/debug.yaml", "--linprobe-config",
-                  "configs/linprobe/debug.yaml", f"--run-root={root}", f"pretrain.data.train={fmnist_shards['train']}",
-                  *(f"pretrain.{o}" for o in GREY), f"linprobe.data.train={fmnist_shards['train']}",
-                  f"linprobe.data.val={fmnist_shards['val']}", "linprobe.data.mean=[0.286]",
-                  "linprobe.data.std=[0.353]", "linprobe.schedule.epochs=1")
+    jobs = submit(
+        slurm,
+        "chain",
+        "--config",
+        "configs/pretrain/debug.yaml",
+        "--linprobe-config",
+        "configs/linprobe/debug.yaml",
+        f"--run-root={root}",
+        f"pretrain.data.train={fmnist_shards['train']}",
+        *(f"pretrain.{o}" for o in GREY),
+        f"linprobe.data.train={fmnist_shards['train']}",
+        f"linprobe.data.val={fmnist_shards['val']}",
+        "linprobe.data.mean=[0.286]",
+        "linprobe.data.std=[0.353]",
+        "linprobe.schedule.epochs=1",
+    )
     assert len(jobs) == 3
     for job in jobs:
         assert slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED")) == "COMPLETED", slurm.log_tail()
@@ -129,8 +164,14 @@ def test_second_job_on_the_same_run_dir_fails_fast(slurm, tmp_path, fmnist_shard
     run = tmp_path / "run"
     first = pretrain_job(slurm, run, fmnist_shards["train"], "schedule.epochs=100", "log.every=5")
     wait_for_step(run, first, 5)
-    result = run_cli("pretrain", "--config", "configs/pretrain/debug.yaml", f"data.train={fmnist_shards['train']}",
-                     f"run.dir={run}", *GREY)
+    result = run_cli(
+        "pretrain",
+        "--config",
+        "configs/pretrain/debug.yaml",
+        f"data.train={fmnist_shards['train']}",
+        f"run.dir={run}",
+        *GREY,
+    )
     assert result.returncode == 2 and "is in use by another process" in result.stderr
     assert f'"slurm_job_id": "{first}"' in result.stderr
     slurm.run("scancel", first)
