@@ -10,6 +10,7 @@ STAGES = {
     "pretrain": "MAE pretraining under DeepSpeed (resumes automatically)",
     "linprobe": "linear probing of a backbone: frozen encoder, several heads, top-1/top-5",
     "finetune": "supervised fine-tuning of a backbone (or from scratch with init.from=none)",
+    "knn": "a kNN classifier on frozen features: a quick check of any checkpoint",
     "export": "a backbone for timm: model.safetensors + config.json + model card",
     "submit": "render slurm/mim.sbatch for a stage (or a chain of stages) and submit it",
     "visualize": "reconstruction pictures from a pretraining checkpoint",

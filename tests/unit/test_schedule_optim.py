@@ -48,3 +48,17 @@ def test_layer_ids():
     assert vit_layer_id("fc_norm.weight", 12) == 13 and vit_layer_id("head.weight", 12) == 13
     assert vit_layer_id("backbone.blocks.3.norm1.weight", 12) == 4
     assert vit_layer_id("backbone.patch_embed.proj.bias", 12) == 0
+
+
+def test_knn_votes_for_the_nearest_class():
+    import torch
+    import torch.nn.functional as F
+
+    from mim.engine.evaluate import knn_classify
+
+    centres = F.normalize(torch.eye(3, 8), dim=-1)
+    train = F.normalize(centres.repeat_interleave(5, 0) + 0.05 * torch.randn(15, 8), dim=-1)
+    labels = torch.arange(3).repeat_interleave(5)
+    queries = F.normalize(centres + 0.05 * torch.randn(3, 8), dim=-1)
+    scores = knn_classify(train, labels, queries, num_classes=3, k=5, temperature=0.1)
+    assert scores.argmax(dim=1).tolist() == [0, 1, 2]

@@ -1,0 +1,68 @@
+"""`mim knn [--k 20 --temperature 0.07] init.from=RUN_OR_CHECKPOINT data.train=... data.val=...`:
+a weighted kNN classifier on frozen features (cosine similarity): a fast check of any pretraining
+checkpoint, during or after pretraining. Prints top-1/top-5 and writes them to --out (JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from mim.config import ClassifyConfig, load_config
+from mim.data.streams import ViewSpec
+from mim.data.transforms import normalize_on_device
+from mim.distributed import init_distributed, read_dist_env, shutdown
+from mim.engine.evaluate import extract_features, knn_classify, top_k_counts
+from mim.models.classifier import build_linear_probe
+from mim.recipe import check_classify
+from mim.runtime import setup_logging
+from pipelines.common import reports_user_errors
+
+log = logging.getLogger("mim.knn")
+
+
+@reports_user_errors("mim knn")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mim knn", description=__doc__)
+    parser.add_argument("--config", default="configs/linprobe/base.yaml")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    config = load_config(ClassifyConfig, args.config, ["run.dir=.", *args.overrides])
+    inputs = check_classify(config, "linprobe")  # the same backbone loading and checks as the probe
+    model, _ = build_linear_probe(inputs.arch, inputs.weights, inputs.num_classes, 1, config.model.global_pool)
+    env = read_dist_env()
+    setup_logging(env.rank)
+    device = init_distributed(env)
+    backbone = model.backbone.to(device).eval()
+    spec = ViewSpec(inputs.arch["img_size"], "L" if inputs.arch["in_chans"] == 1 else "RGB", needs_label=True)
+
+    def features_of(images: torch.Tensor) -> torch.Tensor:
+        return backbone(normalize_on_device(images, config.data.mean, config.data.std))
+
+    common = (spec, env, device, config.data.batch_size, config.data.num_workers, config.eval.crop_fraction)
+    with torch.no_grad():
+        train_features, train_labels = extract_features(features_of, inputs.shards, *common)
+        val_features, val_labels = extract_features(features_of, inputs.val_shards, *common)
+        scores = knn_classify(train_features, train_labels, val_features, inputs.num_classes, args.k,
+                              args.temperature)
+    correct = top_k_counts(scores.unsqueeze(0), val_labels)[:, 0]
+    result = {"top1": correct[0].item() * 100 / len(val_labels), "top5": correct[1].item() * 100 / len(val_labels),
+              "num_samples": len(val_labels), "k": args.k, "temperature": args.temperature,
+              "backbone": inputs.weights.source if inputs.weights else "random init"}
+    if env.is_main:
+        print(json.dumps(result))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1))
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
