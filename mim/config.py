@@ -28,19 +28,23 @@ class ConfigError(UserInputError):
 
 
 @dataclass
-class ModelConfig:
-    name: str = "mae_vit_base_patch16"
-    # None keeps the registered variant's value.
+class EncoderGeometry:
+    # None keeps the value of the registered variant (pretraining) or of the backbone (evaluation).
     img_size: int | None = None
     patch_size: int | None = None
     in_chans: int | None = None
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
+    mlp_ratio: float | None = None
+
+
+@dataclass
+class ModelConfig(EncoderGeometry):
+    name: str = "mae_vit_base_patch16"
     decoder_embed_dim: int | None = None
     decoder_depth: int | None = None
     decoder_num_heads: int | None = None
-    mlp_ratio: float | None = None
     norm_pix_loss: bool | None = None
     mask_ratio: float = 0.75
 
@@ -123,17 +127,10 @@ class PretrainConfig:
 
 
 @dataclass
-class ClassifierModelConfig:
+class ClassifierModelConfig(EncoderGeometry):
     # The encoder's geometry comes from the backbone (init.from); these override it. With
     # init.from=none, `name` (a registered MAE variant) gives the encoder to train from scratch.
     name: str = ""
-    img_size: int | None = None
-    patch_size: int | None = None
-    in_chans: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float | None = None
     global_pool: str = "token"  # token (cls token) | avg (average of patch tokens)
     drop_path: float = 0.0
     num_classes: int | None = None  # None: the number of classes in the training shards' _info.json

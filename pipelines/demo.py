@@ -21,8 +21,14 @@ DEFAULT_DATA = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {  # --quick: the same chain in about two minutes, for tests and a first look
     "pretrain": ["schedule.epochs=0.2", "schedule.warmup_epochs=0.05", "log.every=5", "log.recon_every=20"],
-    "linprobe": ["schedule.epochs=0.2", "schedule.warmup_epochs=0", "eval.every_epochs=0.2", "log.every=5",
-                 "probe.cache_features=false", "data.batch_size=256"],  # caching would read all 60k images
+    "linprobe": [
+        "schedule.epochs=0.2",
+        "schedule.warmup_epochs=0",
+        "eval.every_epochs=0.2",
+        "log.every=5",
+        "probe.cache_features=false",
+        "data.batch_size=256",
+    ],  # caching would read all 60k images
     "finetune": ["schedule.epochs=0.2", "schedule.warmup_epochs=0", "eval.every_epochs=0.2", "log.every=5"],
 }
 

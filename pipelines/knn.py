@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(ClassifyConfig, args.config, ["run.dir=.", *args.overrides])
     inputs = check_classify(config, "linprobe")  # the same backbone loading and checks as the probe
-    model, _ = build_linear_probe(inputs.arch, inputs.weights, inputs.num_classes, 1, config.model.global_pool)
+    model, _ = build_linear_probe(
+        inputs.arch, inputs.weights, inputs.num_classes, 1, config.model.global_pool
+    )
     env = read_dist_env()
     setup_logging(env.rank)
     device = init_distributed(env)
@@ -50,12 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         train_features, train_labels = extract_features(features_of, inputs.shards, *common)
         val_features, val_labels = extract_features(features_of, inputs.val_shards, *common)
-        scores = knn_classify(train_features, train_labels, val_features, inputs.num_classes, args.k,
-                              args.temperature)
+        scores = knn_classify(
+            train_features, train_labels, val_features, inputs.num_classes, args.k, args.temperature
+        )
     correct = top_k_counts(scores.unsqueeze(0), val_labels)[:, 0]
-    result = {"top1": correct[0].item() * 100 / len(val_labels), "top5": correct[1].item() * 100 / len(val_labels),
-              "num_samples": len(val_labels), "k": args.k, "temperature": args.temperature,
-              "backbone": inputs.weights.source if inputs.weights else "random init"}
+    result = {
+        "top1": correct[0].item() * 100 / len(val_labels),
+        "top5": correct[1].item() * 100 / len(val_labels),
+        "num_samples": len(val_labels),
+        "k": args.k,
+        "temperature": args.temperature,
+        "backbone": inputs.weights.source if inputs.weights else "random init",
+    }
     if env.is_main:
         print(json.dumps(result))
         if args.out:

@@ -165,9 +165,19 @@ def test_two_ranks_count_every_validation_sample_once(tmp_path, fmnist_shards, o
 
 
 def test_knn_on_frozen_features_of_a_checkpoint(tmp_path, fmnist_shards, official_checkpoint):
-    result = run_cli("knn", "--k", "10", "--out", str(tmp_path / "knn.json"), f"init.from={official_checkpoint}",
-                     f"data.train={fmnist_shards['train']}", f"data.val={fmnist_shards['val']}", "data.num_workers=0",
-                     "model.global_pool=avg", *GREY)
+    result = run_cli(
+        "knn",
+        "--k",
+        "10",
+        "--out",
+        str(tmp_path / "knn.json"),
+        f"init.from={official_checkpoint}",
+        f"data.train={fmnist_shards['train']}",
+        f"data.val={fmnist_shards['val']}",
+        "data.num_workers=0",
+        "model.global_pool=avg",
+        *GREY,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "knn.json").read_text())
     assert report["num_samples"] == 250 and report["k"] == 10
