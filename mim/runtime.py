@@ -35,8 +35,10 @@ class RunDirBusy(RuntimeError):
 
 
 class RunLock:
-    """An exclusive lock on a run dir (flock: the kernel releases it when the holder dies, so a
-    killed job never leaves it stuck). The lock file names the holder for the error message."""
+    """An exclusive lock on a run dir. A POSIX record lock (lockf), not flock: the kernel releases
+    it when the holding process dies, and forked children (DataLoader workers, which outlive a
+    SIGKILLed parent for a few seconds) do not inherit it, so a killed job never blocks its own
+    restart. The lock file names the holder for the error message."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / ".lock"
@@ -46,8 +48,8 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EAGAIN / EACCES: held by another process
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
@@ -72,7 +74,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.handle is not None:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            fcntl.lockf(self.handle, fcntl.LOCK_UN)
             self.handle.close()
             self.handle = None
 

@@ -41,15 +41,17 @@ def args(run_dir, shards, *overrides):
     ]
 
 
-def start(run_dir, shards, *overrides, **popen):
+def start(run_dir, shards, *overrides):
+    """A pretraining process in the background; its output goes to a file (an unread pipe would
+    fill up and stall it)."""
+    log_file = open(run_dir.parent / f"{run_dir.name}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", *args(run_dir, shards, *overrides)],
         cwd=REPO,
         env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
         text=True,
-        **popen,
     )
 
 
