@@ -17,6 +17,7 @@ from mim.data.streams import ViewSpec
 from mim.data.transforms import normalize_on_device
 from mim.distributed import init_distributed, read_dist_env, shutdown
 from mim.engine.evaluate import extract_features, knn_classify, top_k_counts
+from mim.errors import UserInputError
 from mim.models.classifier import build_linear_probe
 from mim.recipe import check_classify
 from mim.runtime import setup_logging
@@ -34,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    if args.k < 1 or args.temperature <= 0:
+        raise UserInputError(
+            f"--k must be at least 1 and --temperature positive, got {args.k} and {args.temperature}"
+        )
     config = load_config(ClassifyConfig, args.config, ["run.dir=.", *args.overrides])
     inputs = check_classify(config, "linprobe")  # the same backbone loading and checks as the probe
     model, _ = build_linear_probe(

@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
     parser.add_argument("--scale", type=int, default=4, help="pixel zoom of the picture")
     args = parser.parse_args(argv)
+    if args.num_images < 1 or args.scale < 1:
+        raise UserInputError(
+            f"--num-images and --scale must be at least 1, got {args.num_images} and {args.scale}"
+        )
     source = find_checkpoint(args.source)
     meta = checkpoint.read_meta(source)
     if meta["stage"] != "pretrain":
