@@ -269,6 +269,11 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         return [_check_type(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string; users write it that way
+            return float(value)
+        except ValueError:
+            pass
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"config key {where!r} expects true or false, got {value!r}")
     if annotation is int and isinstance(value, bool):

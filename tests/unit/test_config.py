@@ -55,6 +55,7 @@ def test_unknown_key_suggests_the_close_one():
     [
         ("data.batch_size=abc", "expects int"),
         ("data.batch_size=2.5", "expects int"),
+        ("optim.blr=fast", "expects float"),
         ("data.hflip=3", "expects true or false"),
         ("optim.betas=0.9", "expects a list"),
         ("model=3", "must be a section"),
@@ -66,8 +67,11 @@ def test_wrong_types_fail_with_the_key(override, message):
         load_config(PretrainConfig, None, [override])
 
 
-def test_integers_are_accepted_as_floats():
+def test_integers_and_exponents_without_a_dot_are_accepted_as_floats():
     assert load_config(PretrainConfig, None, ["optim.blr=1"]).optim.blr == 1.0
+    # YAML 1.1 reads 2e-3 as a string; it is still the float users meant
+    assert load_config(PretrainConfig, None, ["optim.blr=2e-3"]).optim.blr == 2e-3
+    assert load_config(PretrainConfig, None, ["data.crop_scale=[5e-1, 1]"]).data.crop_scale == [0.5, 1.0]
 
 
 def test_missing_or_cyclic_config_file(tmp_path):
