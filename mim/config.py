@@ -62,6 +62,7 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples is unreadable
+    reduced_decode: bool = True  # JPEGs decode at 1/2, 1/4, 1/8 scale where the crop stays >= img_size
 
 
 @dataclass

@@ -115,6 +115,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_objects(value: object) -> list:
+    """`value` from every rank, in rank order (all ranks must call it)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, value)
+        return gathered
+    return [value]
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on any rank (all ranks must call it)."""
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)

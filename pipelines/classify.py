@@ -59,6 +59,7 @@ def run(stage: str, argv: list[str] | None, description: str) -> int:
         config.data.hflip,
         needs_label=True,
         randaug=config.augment.randaug if stage == "finetune" else "",
+        reduced_decode=config.data.reduced_decode,
     )
     description = {
         "backbone": inputs.weights.source if inputs.weights else "random init (init.from=none)",

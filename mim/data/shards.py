@@ -178,6 +178,20 @@ def read_shard_samples(url: str, on_error: Callable[[Exception], bool]) -> wds.D
     return wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=on_error))
 
 
+def tar_is_complete(url: str) -> bool:
+    """False for a local tar file cut short: a whole tar is whole 512-byte blocks ending in two
+    zero blocks. Non-local URLs are taken as complete."""
+    path = Path(url)
+    if not path.is_file():
+        return True
+    size = path.stat().st_size
+    if size % 512 or size < 1024:
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(size - 1024)
+        return handle.read(1024) == bytes(1024)
+
+
 def encoded_image(sample: dict) -> tuple[str, bytes] | None:
     for key, value in sample.items():
         if not key.startswith("__") and key != "cls" and isinstance(value, bytes | bytearray):

@@ -13,8 +13,10 @@ contiguous ranges of the global sample index, split by rank, then by worker.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
+import os
 import random
 import signal
 from collections.abc import Callable, Iterator
@@ -23,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mim.data.shards import ShardSet, encoded_image, read_shard_samples
-from mim.data.transforms import BadSample, decode, eval_view, train_view
+from mim.data.shards import ShardSet, encoded_image, read_shard_samples, tar_is_complete
+from mim.data.transforms import BadSample, eval_view, train_view
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,12 @@ class ViewSpec:
     hflip: bool = True
     needs_label: bool = False
     randaug: str = ""  # a timm RandAugment string applied after the crop (fine-tuning)
+    reduced_decode: bool = True  # JPEGs decode at a reduced DCT scale where the crop allows
+
+
+def eval_spec(spec: ViewSpec) -> ViewSpec:
+    """The evaluation view of a training spec: same size, mode and decoding; labels required."""
+    return ViewSpec(spec.img_size, spec.mode, needs_label=True, reduced_decode=spec.reduced_decode)
 
 
 def _worker() -> tuple[int, int]:
@@ -61,18 +69,37 @@ def _label(sample: dict, needs_label: bool) -> int:
 
 
 class _SampleReader:
-    """Reads samples of one shard; unreadable tar members are counted as bad, not raised."""
+    """Reads the samples of one shard at a time. Unreadable tar members, bad samples and empty
+    shards are counted per shard (by file name) and logged, never raised."""
 
     def __init__(self) -> None:
-        self.num_bad = 0
+        self.bad: collections.Counter[str] = collections.Counter()
+        self.reported: collections.Counter[str] = collections.Counter()
+        self.url = ""
 
     def _on_error(self, error: Exception) -> bool:
-        self.num_bad += 1
-        log.warning("skipping unreadable data: %s", error)
+        self.count_bad(self.url, f"unreadable data: {error}")
         return True
 
+    def count_bad(self, url: str, why: object) -> None:
+        self.bad[os.path.basename(url)] += 1
+        log.warning("skipping bad sample in %s: %s", url, why)
+
     def samples(self, url: str) -> list[dict]:
-        return list(read_shard_samples(url, self._on_error))
+        self.url = url
+        found = list(read_shard_samples(url, self._on_error))
+        if not found:
+            self.count_bad(url, "the shard holds no samples")
+        elif not tar_is_complete(url):
+            # tarfile's stream reader ends quietly at a cut; what it returned is kept, the cut counted
+            self.count_bad(url, "the tar file is truncated (no end-of-archive blocks)")
+        return found
+
+    def new_bad(self) -> dict[str, int]:
+        """Bad samples per shard since the last call."""
+        new = self.bad - self.reported
+        self.reported = collections.Counter(self.bad)
+        return dict(new)
 
 
 def _decode_sample(sample: dict, spec: ViewSpec, view: Callable) -> tuple[torch.Tensor, int]:
@@ -80,7 +107,7 @@ def _decode_sample(sample: dict, spec: ViewSpec, view: Callable) -> tuple[torch.
     if found is None:
         raise BadSample(f"sample {sample.get('__key__')} in {sample.get('__url__')} holds no image")
     label = _label(sample, spec.needs_label)
-    return view(decode(found[1], spec.mode)), label
+    return view(found[1]), label
 
 
 class TrainStream(IterableDataset):
@@ -113,7 +140,6 @@ class TrainStream(IterableDataset):
         reader = _SampleReader()
         extra = _randaug(self.spec) if self.spec.randaug else None
         images, labels = [], []
-        num_bad_reported = 0
         while True:
             rng, urls = self._chunk(worker, chunk)
             samples = [s for url in urls for s in reader.samples(url)]
@@ -121,16 +147,20 @@ class TrainStream(IterableDataset):
             rng.shuffle(order)
             for position in range(offset, len(order)):
                 view_rng = random.Random(derived_seed(self.seed, self.rank, worker, chunk, position))
-                view = lambda image, r=view_rng: train_view(  # noqa: E731
-                    image, self.spec.img_size, r, self.spec.crop_scale, self.spec.hflip, extra
+                view = lambda payload, r=view_rng: train_view(  # noqa: E731
+                    payload,
+                    self.spec.mode,
+                    self.spec.img_size,
+                    r,
+                    self.spec.crop_scale,
+                    self.spec.hflip,
+                    extra,
+                    self.spec.reduced_decode,
                 )
                 try:
                     image, label = _decode_sample(samples[order[position]], self.spec, view)
                 except BadSample as error:
-                    reader.num_bad += 1
-                    log.warning(
-                        "skipping bad sample in %s: %s", samples[order[position]].get("__url__"), error
-                    )
+                    reader.count_bad(samples[order[position]].get("__url__", "?"), error)
                     continue
                 images.append(image)
                 labels.append(label)
@@ -140,9 +170,8 @@ class TrainStream(IterableDataset):
                         "labels": torch.tensor(labels),
                         "worker": worker,
                         "position": (chunk, position + 1),
-                        "num_bad": reader.num_bad - num_bad_reported,
+                        "bad": reader.new_bad(),  # shard file name -> bad samples since the last batch
                     }
-                    num_bad_reported = reader.num_bad
                     images, labels = [], []
             chunk, offset = chunk + 1, 0
 
@@ -195,7 +224,9 @@ class EvalStream(IterableDataset):
             shard_start = shard_stop
 
     def _read_range(self, url: str, first_index: int, start: int, stop: int, reader: _SampleReader):
-        view = lambda image: eval_view(image, self.spec.img_size, self.crop_fraction)  # noqa: E731
+        view = lambda payload: eval_view(  # noqa: E731
+            payload, self.spec.mode, self.spec.img_size, self.crop_fraction, self.spec.reduced_decode
+        )
         for offset, sample in enumerate(reader.samples(url)):
             index = first_index + offset
             if start <= index < stop:

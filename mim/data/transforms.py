@@ -1,5 +1,9 @@
 """Decoding and cropping in the data workers. Images stay uint8 (C, H, W) until the training
-process normalises them on its device (`normalize_on_device`)."""
+process normalises them on its device (`normalize_on_device`).
+
+The crop is chosen from the image header before decoding; JPEGs whose crop is at least twice the
+output size decode at a reduced DCT scale; the crop is resized with antialiased bicubic
+resampling on uint8 tensors (torch's vectorised kernel, PIL's filter)."""
 
 from __future__ import annotations
 
@@ -11,31 +15,110 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 Image.MAX_IMAGE_PIXELS = (
     89_478_485  # PIL's default; refusing larger images guards against decompression bombs
 )
 warnings.simplefilter("error", Image.DecompressionBombWarning)
+_TV_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY}
 
 
 class BadSample(ValueError):
     """A sample that cannot be used: not an image, corrupt, too large, or missing its label."""
 
 
-def decode(payload: bytes, mode: str) -> Image.Image:
+Box = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels
+DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    RuntimeError,  # torchvision's decoder
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+REDUCTIONS = (8, 4, 2)  # the DCT scales 1/8, 1/4, 1/2 that libjpeg decodes at directly
+
+
+def open_image(payload: bytes) -> Image.Image:
+    """The image's header only (format, size, mode); refuses non-images and decompression bombs
+    (more than Image.MAX_IMAGE_PIXELS) before any pixel is decoded."""
     try:
-        image = Image.open(io.BytesIO(payload))
-        image.load()
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as error:
+        return Image.open(io.BytesIO(payload))
+    except DECODE_ERRORS as error:
         raise BadSample(f"cannot decode image: {error}") from None
-    return image.convert(mode) if image.mode != mode else image
+
+
+def decode(payload: bytes, mode: str) -> Image.Image:
+    """The whole image at full resolution, as a PIL image in `mode`."""
+    image = open_image(payload)
+    try:
+        image.load()
+        return image.convert(mode) if image.mode != mode else image
+    except DECODE_ERRORS as error:
+        raise BadSample(f"cannot decode image: {error}") from None
+
+
+def reduction_for(image: Image.Image, box: Box, size: int) -> int:
+    """The largest DCT reduction (8, 4, 2, else 1) at which the crop `box` of a JPEG still has at
+    least `size` pixels on each side, so that decoding smaller loses nothing the output keeps."""
+    if image.format != "JPEG":
+        return 1
+    short_side = min(box[2] - box[0], box[3] - box[1])
+    return next((r for r in REDUCTIONS if short_side >= r * size), 1)
+
+
+def decode_region(
+    payload: bytes, mode: str, box_of: Callable[[int, int], Box], size: int, reduce: bool = True
+) -> tuple[torch.Tensor, Box]:
+    """Decodes what the crop `box_of(width, height)` needs (the box is chosen from the header,
+    before any pixel is decoded): uint8 (C, H, W) pixels and the box in their coordinates.
+
+    JPEGs decode at the smallest DCT scale that keeps the crop at least `size` pixels wide (PIL's
+    draft; `reduce=False` always decodes at full size), else with torchvision's libjpeg-turbo
+    decoder straight into a tensor; other formats through PIL. Full-size decodes give the same
+    pixels either way."""
+    image = open_image(payload)
+    box = box_of(*image.size)
+    scale = reduction_for(image, box, size) if reduce else 1
+    try:
+        if scale > 1:
+            # draft picks the largest scale whose result is at least the asked size: exactly `scale`
+            image.draft(None, (image.width // scale, image.height // scale))
+            image.load()
+            box = _scaled_box(box, scale, image.width, image.height)
+            return _pil_pixels(image, mode), box
+        if image.format == "JPEG" and image.mode == mode and mode in _TV_MODES:
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            return decode_jpeg(data, mode=_TV_MODES[mode]), box
+        image.load()
+        return _pil_pixels(image, mode), box
+    except DECODE_ERRORS as error:
+        raise BadSample(f"cannot decode image: {error}") from None
+
+
+def _scaled_box(box: Box, scale: int, width: int, height: int) -> Box:
+    left, top, right, bottom = (round(c / scale) for c in box)
+    return max(0, left), max(0, top), min(width, right), min(height, bottom)
+
+
+def _pil_pixels(image: Image.Image, mode: str) -> torch.Tensor:
+    array = np.asarray(image.convert(mode) if image.mode != mode else image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, H, W) over HWC memory
+
+
+def resize_region(pixels: torch.Tensor, box: Box, size: int) -> torch.Tensor:
+    """Crops `box` out of uint8 (C, H, W) pixels and resizes it to size x size with antialiased
+    bicubic resampling (PIL's filter, a = -0.5), in uint8, without touching pixels outside it."""
+    left, top, right, bottom = box
+    region = pixels[None, :, top:bottom, left:right]
+    if region.shape[-2:] != (size, size):
+        region = F.interpolate(region, size=(size, size), mode="bicubic", antialias=True)
+    return region[0].contiguous()
 
 
 def random_resized_crop_box(
@@ -78,34 +161,38 @@ def center_crop_box(width: int, height: int, size: int, crop_fraction: float) ->
 
 
 def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, H, W)
+    return _pil_pixels(image, image.mode).contiguous()
 
 
 def train_view(
-    image: Image.Image,
+    payload: bytes,
+    mode: str,
     size: int,
     rng: random.Random,
     scale: tuple[float, float],
     hflip: bool,
     extra: Callable[[Image.Image], Image.Image] | None = None,
+    reduce: bool = True,
 ) -> torch.Tensor:
-    box = random_resized_crop_box(image.width, image.height, rng, scale)
+    """RandomResizedCrop + flip (+ `extra`, a PIL transform such as RandAugment), uint8 (C, size, size)."""
+    crop = lambda width, height: random_resized_crop_box(width, height, rng, scale)  # noqa: E731
+    pixels, box = decode_region(payload, mode, crop, size, reduce)
     flip = hflip and rng.random() < 0.5
-    view = image.resize((size, size), Image.BICUBIC, box=box)  # crop and resize in one pass
+    view = resize_region(pixels, box, size)
     if flip:
-        view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        view = view.flip(-1)
     if extra is not None:
         random.seed(rng.getrandbits(64))  # timm's RandAugment draws from the global RNG: make it per sample
-        view = extra(view)
-    return to_uint8_tensor(view)
+        view = to_uint8_tensor(extra(Image.fromarray(view.permute(1, 2, 0).squeeze(-1).numpy(), mode)))
+    return view
 
 
-def eval_view(image: Image.Image, size: int, crop_fraction: float = 0.875) -> torch.Tensor:
-    box = center_crop_box(image.width, image.height, size, crop_fraction)
-    return to_uint8_tensor(image.resize((size, size), Image.BICUBIC, box=box))
+def eval_view(
+    payload: bytes, mode: str, size: int, crop_fraction: float = 0.875, reduce: bool = True
+) -> torch.Tensor:
+    crop = lambda width, height: center_crop_box(width, height, size, crop_fraction)  # noqa: E731
+    pixels, box = decode_region(payload, mode, crop, size, reduce)
+    return resize_region(pixels, box, size)
 
 
 def normalize_on_device(

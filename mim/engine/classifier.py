@@ -17,7 +17,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 from mim.config import ClassifyConfig
 from mim.data.shards import ShardSet
-from mim.data.streams import ViewSpec, derived_seed
+from mim.data.streams import ViewSpec, derived_seed, eval_spec
 from mim.distributed import DistEnv, all_reduce_sum
 from mim.engine.evaluate import evaluate, extract_features, top_k_counts
 from mim.engine.trainer import Trainer
@@ -92,7 +92,7 @@ class ClassifierTrainer(Trainer):
 
     def evaluate_now(self) -> dict:
         self.engine.eval()
-        spec = ViewSpec(self.view_spec.img_size, self.view_spec.mode, needs_label=True)
+        spec = eval_spec(self.view_spec)
         result = evaluate(
             self.logits_of,
             self.val_shards,
@@ -184,7 +184,7 @@ class CachedFeatureProbe(ClassifierTrainer):
         extract = lambda shards: extract_features(  # noqa: E731
             lambda images: module.backbone(self.normalize(images)),
             shards,
-            ViewSpec(self.view_spec.img_size, self.view_spec.mode, needs_label=True),
+            eval_spec(self.view_spec),
             self.env,
             self.device,
             self.config.data.batch_size,
@@ -226,7 +226,7 @@ class CachedFeatureProbe(ClassifierTrainer):
                     "labels": self.train_labels[chosen],
                     "worker": 0,
                     "position": (epoch, start + size),
-                    "num_bad": 0,
+                    "bad": {},
                 }
             epoch, offset = epoch + 1, 0
 

@@ -47,6 +47,7 @@ def pretrain_view_spec(arch: dict, config: PretrainConfig) -> ViewSpec:
         mode="L" if arch["in_chans"] == 1 else "RGB",
         crop_scale=tuple(config.data.crop_scale),
         hflip=config.data.hflip,
+        reduced_decode=config.data.reduced_decode,
     )
 
 
@@ -92,7 +93,7 @@ class Pretrainer(Trainer):
         return loss
 
     def run(self) -> Outcome:
-        if self.init is not None and self.env.is_main:
+        if self.init is not None and self.env.is_main and self.fixed is not None:
             self.init["loss_at_step0"] = self.fixed_batch_loss()
             log.info(
                 "initialised from %s: loaded %d tensors, new %s; loss at step 0: %.6f",
@@ -150,12 +151,17 @@ class Pretrainer(Trainer):
                 f"{self.config.model.name} {self.arch}; use a new run.dir or the same model settings"
             )
 
-    def fixed_images(self, count: int = 8) -> torch.Tensor:
-        """The first images of the first shard, centre-cropped: the same grid all run long."""
-        first = with_lengths(ShardSet(self.shards.urls[:1], None, []))
-        images = []
-        for image, _, _ in EvalStream(first, self.view_spec, rank=0, world_size=1, crop_fraction=1.0):
-            images.append(image)
-            if len(images) == count:
-                break
+    def fixed_images(self, count: int = 8) -> torch.Tensor | None:
+        """The first readable images of the first shards, centre-cropped: the same grid all run
+        long (None when the first shards hold no readable image)."""
+        images: list[torch.Tensor] = []
+        for url in self.shards.urls[:8]:
+            shard = with_lengths(ShardSet([url], None, []))
+            for image, _, _ in EvalStream(shard, self.view_spec, rank=0, world_size=1, crop_fraction=1.0):
+                images.append(image)
+                if len(images) == count:
+                    return torch.stack(images)
+        if not images:
+            log.warning("no readable image in the first shards: no reconstruction grids in TensorBoard")
+            return None
         return torch.stack(images)

@@ -8,6 +8,7 @@ checkpoints (`meta`). Host syncs (.item()) happen only at log steps and checkpoi
 
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from mim.config import ConfigError, to_tree
 from mim.data.shards import ShardSet
 from mim.data.streams import TrainStream, ViewSpec, train_loader
 from mim.data.transforms import normalize_on_device
-from mim.distributed import DistEnv, all_reduce_sum, any_rank, barrier
+from mim.distributed import DistEnv, all_reduce_sum, any_rank, barrier, gather_objects
 from mim.engine.deepspeed_engine import EngineSettings, build_engine, engine_param_groups, resolve_precision
 from mim.engine.schedule import apply_lr, warmup_cosine
 from mim.errors import TrainingStopped
@@ -88,7 +89,7 @@ class Trainer:
         self.step = 0
         self.positions: dict[int, tuple[int, int]] = {}  # data-stream position per logical worker
         self.next_worker = 0
-        self.num_bad = 0
+        self.bad_by_shard: collections.Counter[str] = collections.Counter()  # this rank's
         self.writer = None
         if env.is_main and config.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -213,7 +214,7 @@ class Trainer:
             batch = next(batches)
             self.positions[batch["worker"]] = batch["position"]
             self.next_worker = (batch["worker"] + 1) % max(1, self.config.data.num_workers)
-            self.num_bad += batch["num_bad"]
+            self.bad_by_shard.update(batch["bad"])
             labels = batch["labels"].to(self.device, non_blocking=True)
             loss = self.forward_loss(self.normalize(batch["images"]), labels, micro)
             self.engine.backward(loss)
@@ -233,7 +234,7 @@ class Trainer:
         """Raises before anything is written when a loss went non-finite or too much data was bad."""
         local_step = int(nonfinite_step.item())
         totals = all_reduce_sum(
-            torch.tensor([float(self.num_bad), float(local_step >= 0)], device=self.device)
+            torch.tensor([float(self.bad_by_shard.total()), float(local_step >= 0)], device=self.device)
         )
         if totals[1].item() > 0:
             where = f"step {local_step}" if local_step >= 0 else "a step on another rank"
@@ -243,9 +244,12 @@ class Trainer:
             )
         total_bad = totals[0].item()
         if total_bad > 0 and total_bad > self.config.data.max_bad_fraction * (samples_seen + total_bad):
+            worst = sum(gather_objects(self.bad_by_shard), collections.Counter()).most_common(5)
             raise TooManyBadSamples(
                 f"{int(total_bad)} bad samples out of {int(samples_seen + total_bad)} read, more than "
-                f"data.max_bad_fraction={self.config.data.max_bad_fraction}; the warnings above name the shards"
+                f"data.max_bad_fraction={self.config.data.max_bad_fraction}; worst shards: "
+                + ", ".join(f"{name} ({count})" for name, count in worst)
+                + "; the warnings above say what was wrong with each sample"
             )
 
     # ------------------------------------------------------------------ logging
@@ -280,9 +284,17 @@ class Trainer:
             ("grad_norm", grad_norm),
             ("images_per_sec", rate),
             ("samples_seen", samples),
-            ("bad_samples", self.num_bad),
+            ("bad_samples", self.bad_by_shard.total()),
         ):
             self.scalar(f"train/{name}", value)
+        for shard, count in self.bad_by_shard.items():
+            self.scalar(f"bad_samples/{shard}", count)
+        if self.bad_by_shard:
+            log.info(
+                "bad samples so far on this rank: %d (%s)",
+                self.bad_by_shard.total(),
+                ", ".join(f"{name} {count}" for name, count in self.bad_by_shard.most_common(3)),
+            )
         if self.writer is not None:
             self.writer.flush()
         return loss

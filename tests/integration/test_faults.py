@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+import webdataset as wds
 from safetensors.torch import load_file
 
 from mim import checkpoint
@@ -123,6 +124,23 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     last_good = checkpoint.latest_checkpoint(run)
     assert last_good is not None
     assert all(torch.isfinite(v).all() for v in load_file(str(last_good / checkpoint.WEIGHTS_FILE)).values())
+
+
+def test_too_many_bad_samples_stops_naming_the_worst_shards(tmp_path, fmnist_shards):
+    """Good shards plus one of corrupt images: past data.max_bad_fraction the run stops (exit 3)
+    with an error naming that shard, after writing nothing from the bad stretch."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for tar in sorted(fmnist_shards["train"].glob("*.tar"))[:3]:
+        (shards / tar.name).write_bytes(tar.read_bytes())
+    with wds.TarWriter(str(shards / "junk-000000.tar"), encoder=False) as writer:
+        for index in range(60):
+            writer.write({"__key__": f"{index:06d}", "png": b"\x89PNG not really", "cls": b"0"})
+    run = tmp_path / "run"
+    result = run_cli(*args(run, shards, "data.max_bad_fraction=0.05", "data.shards_per_chunk=1"))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "bad samples out of" in result.stderr and "worst shards: junk-000000.tar (" in result.stderr
+    assert "train-00000" not in result.stderr.split("worst shards:")[1].split(";")[0]
 
 
 def _file_size_limit(limit_bytes):
