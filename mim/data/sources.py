@@ -128,7 +128,8 @@ def _png_loader(pixels: np.ndarray):
     return load
 
 
-def fashion_mnist(root: Path, split: str) -> Source:
+def fashion_mnist_arrays(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels (N,) uint8) of one split, read from the idx files."""
     if split not in FASHION_MNIST_FILES:
         raise UserInputError(f"Fashion-MNIST split must be one of {list(FASHION_MNIST_FILES)}, got {split!r}")
     image_stem, label_stem = FASHION_MNIST_FILES[split]
@@ -136,6 +137,12 @@ def fashion_mnist(root: Path, split: str) -> Source:
     labels = _read_idx(_find_idx(root, label_stem))
     if len(images) != len(labels):
         raise UserInputError(f"{root}: {len(images)} images but {len(labels)} labels in split {split}")
+    return images, labels
+
+
+def fashion_mnist(root: Path, split: str) -> Source:
+    images, labels = fashion_mnist_arrays(root, split)
+    image_stem = FASHION_MNIST_FILES[split][0]
     records = [
         Record(f"{root}/{image_stem}[{i}]", int(labels[i]), _png_loader(images[i]))
         for i in range(len(images))
