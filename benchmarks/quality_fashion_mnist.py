@@ -50,9 +50,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--probe-epochs", type=float, default=60)
     parser.add_argument("--finetune-epochs", type=float, default=3, help="with all labels")
     parser.add_argument("--fewshot-fraction", type=float, default=0.1)
-    parser.add_argument(
-        "--fewshot-epochs", type=float, default=15, help="epochs over the labelled fraction"
-    )
+    parser.add_argument("--fewshot-epochs", type=float, default=15, help="epochs over the labelled fraction")
     return parser.parse_args(argv)
 
 
@@ -78,8 +76,9 @@ def pixel_logistic_regression(data: Path, seed: int) -> float:
     train, test = (train - mean) / std, (test - mean) / std
     targets = torch.from_numpy(train_y.astype(np.int64))
     model = torch.nn.Linear(train.shape[1], 10)
-    optimizer = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=300, history_size=20,
-                                  line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        model.parameters(), lr=1.0, max_iter=300, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -137,24 +136,47 @@ def run(args: argparse.Namespace) -> Results:
         results.record(key, seconds, None if name == "pretrain" else best_top1(run_dir))
 
     staged(
-        "pretrain", "pretrain", "--config", "configs/demo/pretrain.yaml", f"data.train={shards['train']}",
-        f"schedule.epochs={args.pretrain_epochs}", f"schedule.warmup_epochs={min(1.0, args.pretrain_epochs / 10)}",
+        "pretrain",
+        "pretrain",
+        "--config",
+        "configs/demo/pretrain.yaml",
+        f"data.train={shards['train']}",
+        f"schedule.epochs={args.pretrain_epochs}",
+        f"schedule.warmup_epochs={min(1.0, args.pretrain_epochs / 10)}",
     )
-    probe = ("--config", "configs/demo/linprobe.yaml", f"data.train={shards['train']}", val,
-             f"schedule.epochs={args.probe_epochs}", f"schedule.warmup_epochs={args.probe_epochs / 12}",
-             f"eval.every_epochs={args.probe_epochs / 6}")
+    probe = (
+        "--config",
+        "configs/demo/linprobe.yaml",
+        f"data.train={shards['train']}",
+        val,
+        f"schedule.epochs={args.probe_epochs}",
+        f"schedule.warmup_epochs={args.probe_epochs / 12}",
+        f"eval.every_epochs={args.probe_epochs / 6}",
+    )
     scratch = ("init.from=none", f"model.name={DEMO_MODEL}")
     mae = (f"init.from={out / 'pretrain'}",)
     staged("linprobe_mae", "linprobe", *probe, *mae)
     staged("linprobe_random", "linprobe", *probe, *scratch)
-    full = ("--config", "configs/demo/finetune.yaml", f"data.train={shards['train']}", val,
-            f"schedule.epochs={args.finetune_epochs}", f"eval.every_epochs={args.finetune_epochs / 3}")
+    full = (
+        "--config",
+        "configs/demo/finetune.yaml",
+        f"data.train={shards['train']}",
+        val,
+        f"schedule.epochs={args.finetune_epochs}",
+        f"eval.every_epochs={args.finetune_epochs / 3}",
+    )
     staged("finetune_mae", "finetune", *full, *mae)
     staged("finetune_scratch", "finetune", *full, *scratch)
-    fewshot = ("--config", "configs/demo/finetune.yaml", f"data.train={shards['fewshot']}", val,
-               f"data.samples_per_epoch={fewshot_size}", f"schedule.epochs={args.fewshot_epochs}",
-               f"schedule.warmup_epochs={args.fewshot_epochs / 10}",
-               f"eval.every_epochs={args.fewshot_epochs / 3}")
+    fewshot = (
+        "--config",
+        "configs/demo/finetune.yaml",
+        f"data.train={shards['fewshot']}",
+        val,
+        f"data.samples_per_epoch={fewshot_size}",
+        f"schedule.epochs={args.fewshot_epochs}",
+        f"schedule.warmup_epochs={args.fewshot_epochs / 10}",
+        f"eval.every_epochs={args.fewshot_epochs / 3}",
+    )
     staged("fewshot_mae", "finetune", *fewshot, *mae)
     staged("fewshot_scratch", "finetune", *fewshot, *scratch)
     if not results.done("pixels_logistic"):
@@ -173,8 +195,11 @@ def table(results: Results, args: argparse.Namespace) -> str:
         ("Linear probe, random encoder (same shape)", f"{accuracy['linprobe_random']:.2f} %", ""),
         ("Fine-tune from MAE, 100 % labels", f"{accuracy['finetune_mae']:.2f} %", "≥ 93 %"),
         ("Same ViT from scratch, same budget, 100 % labels", f"{accuracy['finetune_scratch']:.2f} %", ""),
-        (f"Fine-tune from MAE, {percent} % labels", f"{accuracy['fewshot_mae']:.2f} %",
-         f"≥ scratch + 2 ({gap('fewshot_mae', 'fewshot_scratch'):+.2f})"),
+        (
+            f"Fine-tune from MAE, {percent} % labels",
+            f"{accuracy['fewshot_mae']:.2f} %",
+            f"≥ scratch + 2 ({gap('fewshot_mae', 'fewshot_scratch'):+.2f})",
+        ),
         (f"Same ViT from scratch, {percent} % labels", f"{accuracy['fewshot_scratch']:.2f} %", ""),
         ("Logistic regression on raw pixels", f"{accuracy['pixels_logistic']:.2f} %", ""),
     ]

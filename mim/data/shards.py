@@ -7,6 +7,7 @@ and a `splits` entry in the form timm's WebDataset reader reads). Each sample is
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import braceexpand
 import webdataset as wds
+from PIL import Image
 
 from mim.data.sources import Record, Source
 from mim.errors import UserInputError
@@ -47,13 +49,40 @@ def _shard_plan(num_records: int, shard_size: int, seed: int | None) -> list[lis
     return [order[start : start + shard_size] for start in range(0, num_records, shard_size)]
 
 
-def _write_one_shard(path: Path, records: list[Record], indices: list[int]) -> int:
+def downscaled(payload: bytes, extension: str, max_size: int, name: str = "") -> tuple[bytes, str]:
+    """The image with its shorter side brought down to `max_size` (bicubic, antialiased; JPEGs
+    decode at a reduced DCT scale first), re-encoded as JPEG quality 90 (PNG for lossless
+    sources); images already small enough, and undecodable ones, keep their original bytes."""
+    try:
+        image = Image.open(io.BytesIO(payload))
+        width, height = image.size
+        if min(width, height) <= max_size:
+            return payload, extension
+        factor = max_size / min(width, height)
+        size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        image.draft("RGB" if image.mode == "RGB" else None, size)
+        image = image.convert("RGB" if image.mode not in ("RGB", "L") else image.mode)
+        image = image.resize(size, Image.BICUBIC)
+        buffer = io.BytesIO()
+        if extension in ("jpg", "jpeg", "webp"):
+            image.save(buffer, format="JPEG", quality=90)
+            return buffer.getvalue(), "jpg"
+        image.save(buffer, format="PNG")
+        return buffer.getvalue(), "png"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        log.warning("not downscaling %s, kept as it is: %s", name, error)
+        return payload, extension
+
+
+def _write_one_shard(path: Path, records: list[Record], indices: list[int], max_size: int | None) -> int:
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as stream:
         writer = wds.TarWriter(stream, encoder=False)
         for index in indices:
             record = records[index]
             payload, extension = record.read()
+            if max_size is not None:
+                payload, extension = downscaled(payload, extension, max_size, record.name)
             sample = {"__key__": f"{index:09d}", extension: payload}
             if record.label is not None:
                 sample["cls"] = str(record.label).encode()
@@ -71,11 +100,15 @@ def write_shards(
     shuffle_seed: int | None = 0,
     num_writers: int = 4,
     on_shard_done: Callable[[int], None] = lambda num: None,
+    max_size: int | None = None,
 ) -> Path:
     """Writes `source` as shards into `out_dir` and returns the _info.json path. Shards already
-    present under their final name are kept, so an interrupted run picks up where it stopped."""
+    present under their final name are kept, so an interrupted run picks up where it stopped.
+    `max_size`: images whose shorter side is larger are downscaled to it (see `downscaled`)."""
     if shard_size < 1:
         raise UserInputError(f"shard_size must be at least 1, got {shard_size}")
+    if max_size is not None and max_size < 1:
+        raise UserInputError(f"max_size must be at least 1 pixel, got {max_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = _shard_plan(len(source.records), shard_size, shuffle_seed)
     paths = [out_dir / f"{name}-{number:06d}.tar" for number in range(len(plan))]
@@ -83,7 +116,7 @@ def write_shards(
     def work(number: int) -> int:
         if paths[number].exists():
             return len(plan[number])
-        return _write_one_shard(paths[number], source.records, plan[number])
+        return _write_one_shard(paths[number], source.records, plan[number], max_size)
 
     with ThreadPoolExecutor(max(1, num_writers)) as pool:
         for count in pool.map(work, range(len(plan))):

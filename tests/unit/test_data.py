@@ -3,6 +3,7 @@ sample once across ranks and workers."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import tarfile
@@ -99,6 +100,31 @@ def test_shards_cli_writes_and_resumes(tmp_path, fmnist_shards):
     assert again.returncode == 0 and (tmp_path / "out" / "train-000000.tar").stat().st_mtime_ns == first
     bad = run_cli("shards", "--source", f"imagefolder:{tmp_path / 'nowhere'}", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_shards_max_size_downscales_large_images_only(tmp_path):
+    """--max-size S: images with a shorter side over S come back with shorter side S (JPEG), the
+    others keep their original bytes."""
+    from tests.conftest import jpeg_bytes
+
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    large = jpeg_bytes(random.Random(0), (600, 400))
+    small = jpeg_bytes(random.Random(1), (120, 90))
+    (tmp_path / "src" / "a" / "large.jpg").write_bytes(large)
+    (tmp_path / "src" / "a" / "small.jpg").write_bytes(small)
+    Image.new("RGB", (300, 500), (10, 200, 30)).save(tmp_path / "src" / "a" / "lossless.png")
+    source = f"imagefolder:{tmp_path / 'src'}"
+    result = run_cli(
+        "shards", "--source", source, "--out", str(tmp_path / "out"), "--max-size", "100", "--no-shuffle"
+    )
+    assert result.returncode == 0, result.stderr
+    samples = {s["__key__"]: s for s in _read_back(tmp_path / "out")}
+    by_name = dict(zip(["large", "lossless", "small"], [samples[k] for k in sorted(samples)], strict=True))
+    assert Image.open(io.BytesIO(by_name["large"]["jpg"])).size == (150, 100)
+    assert Image.open(io.BytesIO(by_name["lossless"]["png"])).size == (100, 167)
+    assert by_name["small"]["jpg"] == small
+    bad = run_cli("shards", "--source", source, "--out", str(tmp_path / "x"), "--max-size", "0")
+    assert bad.returncode == 2 and "max_size must be at least 1" in bad.stderr
 
 
 def _spec(needs_label=False):

@@ -90,7 +90,9 @@ def test_train_view_crop_statistics_match_torchvision():
     torch.manual_seed(0)
     theirs = []
     for _ in range(1500):
-        top, left, height, width = RandomResizedCrop.get_params(torch.zeros(3, 375, 500), (0.2, 1.0), (3 / 4, 4 / 3))
+        top, left, height, width = RandomResizedCrop.get_params(
+            torch.zeros(3, 375, 500), (0.2, 1.0), (3 / 4, 4 / 3)
+        )
         theirs.append((left, top, left + width, top + height))
 
     def stats(found):
@@ -139,7 +141,12 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bombs_are_refused_before_decoding():
@@ -164,7 +171,10 @@ def good(index: int) -> tuple[str, dict]:
 
 BAD_KINDS = {
     "corrupt JPEG": lambda i: (f"{i:06d}", {"jpg": b"\xff\xd8\xff\xe0" + bytes(200), "cls": b"1"}),
-    "truncated JPEG": lambda i: (f"{i:06d}", {"jpg": jpeg_bytes(random.Random(i), (48, 40))[:300], "cls": b"1"}),
+    "truncated JPEG": lambda i: (
+        f"{i:06d}",
+        {"jpg": jpeg_bytes(random.Random(i), (48, 40))[:300], "cls": b"1"},
+    ),
     "not an image": lambda i: (f"{i:06d}", {"jpg": b"this is text, not pixels" * 4, "cls": b"1"}),
     "no image at all": lambda i: (f"{i:06d}", {"txt": b"a caption", "cls": b"1"}),
     "no label": lambda i: (f"{i:06d}", {"jpg": jpeg_bytes(random.Random(i), (48, 40))}),
