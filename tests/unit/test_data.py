@@ -41,6 +41,12 @@ def test_fashion_mnist_shards_keep_counts_labels_and_pixels(tmp_path):
         assert by_key[index]["png"] == payload  # lossless PNG of the idx pixels, unchanged
         assert int(by_key[index]["cls"]) == source.records[index].label
     assert Counter(int(s["cls"]) for s in samples) == Counter(r.label for r in source.records)
+    # timm's WebDataset reader takes the same directory through _info.json's splits entry
+    from timm.data import create_dataset
+
+    dataset = create_dataset("wds/fmnist", root=str(tmp_path), split="val", is_training=False, batch_size=1)
+    assert len(dataset) == 50
+    assert Counter(label for _, label in dataset) == Counter(r.label for r in source.records)
 
 
 def test_image_folder_and_csv_keep_original_bytes(tmp_path):
