@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> Results:
         f"data.train={shards['train']}",
         val,
         f"schedule.epochs={args.finetune_epochs}",
+        f"schedule.warmup_epochs={args.finetune_epochs / 10}",
         f"eval.every_epochs={args.finetune_epochs / 3}",
     )
     staged("finetune_mae", "finetune", *full, *mae)
