@@ -157,27 +157,23 @@ def run(args: argparse.Namespace) -> Results:
     mae = (f"init.from={out / 'pretrain'}",)
     staged("linprobe_mae", "linprobe", *probe, *mae)
     staged("linprobe_random", "linprobe", *probe, *scratch)
-    full = (
-        "--config",
-        "configs/demo/finetune.yaml",
-        f"data.train={shards['train']}",
-        val,
-        f"schedule.epochs={args.finetune_epochs}",
-        f"schedule.warmup_epochs={args.finetune_epochs / 10}",
-        f"eval.every_epochs={args.finetune_epochs / 3}",
-    )
+
+    def finetune(train: Path, epochs: float, *extra: str) -> tuple[str, ...]:
+        return (
+            "--config",
+            "configs/demo/finetune.yaml",
+            f"data.train={train}",
+            val,
+            *extra,
+            f"schedule.epochs={epochs}",
+            f"schedule.warmup_epochs={epochs / 10}",
+            f"eval.every_epochs={epochs / 3}",
+        )
+
+    full = finetune(shards["train"], args.finetune_epochs)
+    fewshot = finetune(shards["fewshot"], args.fewshot_epochs, f"data.samples_per_epoch={fewshot_size}")
     staged("finetune_mae", "finetune", *full, *mae)
     staged("finetune_scratch", "finetune", *full, *scratch)
-    fewshot = (
-        "--config",
-        "configs/demo/finetune.yaml",
-        f"data.train={shards['fewshot']}",
-        val,
-        f"data.samples_per_epoch={fewshot_size}",
-        f"schedule.epochs={args.fewshot_epochs}",
-        f"schedule.warmup_epochs={args.fewshot_epochs / 10}",
-        f"eval.every_epochs={args.fewshot_epochs / 3}",
-    )
     staged("fewshot_mae", "finetune", *fewshot, *mae)
     staged("fewshot_scratch", "finetune", *fewshot, *scratch)
     if not results.done("pixels_logistic"):
