@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from mim.config import ClassifyConfig, load_config
 from mim.data.streams import ViewSpec
 from mim.engine.classifier import CachedFeatureProbe, ClassifierTrainer
@@ -50,6 +52,7 @@ def run(stage: str, argv: list[str] | None, description: str) -> int:
     config = load_config(ClassifyConfig, args.config, args.overrides)
     inputs = check_classify(config, stage)  # everything is checked, and the weights read, before any work
     build = linprobe_model if stage == "linprobe" else finetune_model
+    torch.manual_seed(config.run.seed)  # the same heads (and random encoder) for the same seed
     model, groups, report = build(config, inputs)
     mode = "L" if inputs.arch["in_chans"] == 1 else "RGB"
     view = ViewSpec(

@@ -123,6 +123,24 @@ def test_from_scratch_and_a_different_eval_size_resample_positions(
     assert metrics(tmp_path / "bigger")["arch"]["img_size"] == 35
 
 
+def test_same_seed_gives_the_same_probe_and_another_seed_does_not(tmp_path, fmnist_shards):
+    """A random encoder and its probe heads come from run.seed: same seed, same table (on CPU)."""
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        result = classify(
+            "linprobe",
+            fmnist_shards,
+            tmp_path / name,
+            "init.from=none",
+            "model.name=mae_vit_demo_patch7",
+            f"run.seed={seed}",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = [e["top1"] for e in metrics(tmp_path / name)["evaluations"]]
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
+
+
 def test_wrong_checkpoints_fail_clearly_before_work(tmp_path, fmnist_shards):
     not_a_vit = tmp_path / "other.pth"
     torch.save({"model": {"conv1.weight": torch.zeros(3, 3)}}, not_a_vit)
