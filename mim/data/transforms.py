@@ -51,16 +51,6 @@ def open_image(payload: bytes) -> Image.Image:
         raise BadSample(f"cannot decode image: {error}") from None
 
 
-def decode(payload: bytes, mode: str) -> Image.Image:
-    """The whole image at full resolution, as a PIL image in `mode`."""
-    image = open_image(payload)
-    try:
-        image.load()
-        return image.convert(mode) if image.mode != mode else image
-    except DECODE_ERRORS as error:
-        raise BadSample(f"cannot decode image: {error}") from None
-
-
 def reduction_for(image: Image.Image, box: Box, size: int) -> int:
     """The largest DCT reduction (8, 4, 2, else 1) at which the crop `box` of a JPEG still has at
     least `size` pixels on each side, so that decoding smaller loses nothing the output keeps."""
