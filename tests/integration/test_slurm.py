@@ -74,11 +74,13 @@ def wait_for_step(run_dir, job_id, step, timeout=300):
 
 def expedite_requeued(slurm, job_id, timeout=120):
     """Slurm makes a requeued job wait about two minutes before it is eligible again; the test
-    moves its start time to now once it is pending again (requeue and resume are unchanged)."""
+    brings its start forward once it is pending again (requeue and resume are unchanged). Not to
+    `now`: slurmd refuses a batch launch within the second its credential was revoked by the
+    requeue ("Job credential revoked"), and the job then ends FAILED; a few seconds later is safe."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if slurm.job_state(job_id) == "PENDING" and int(slurm.job_field(job_id, "Restarts") or 0) >= 1:
-            slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+            slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)
             return
         time.sleep(0.5)
 
@@ -86,7 +88,8 @@ def expedite_requeued(slurm, job_id, timeout=120):
 def test_submitted_pretraining_runs_to_the_end(slurm, tmp_path, fmnist_shards):
     run = tmp_path / "run"
     job = pretrain_job(slurm, run, fmnist_shards["train"])
-    assert slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED")) == "COMPLETED", job_log(run, job)
+    final = slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert final == "COMPLETED", job_log(run, job) + slurm.log_tail()
     assert checkpoint.read_meta(checkpoint.latest_checkpoint(run))["step"] == 16
     assert list((run / "tb").glob("events.out.tfevents.*"))
     log = job_log(run, job)
@@ -110,9 +113,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path, fmnist_
     else:
         slurm.run("scontrol", "requeue", job)
     expedite_requeued(slurm, job)
-    assert slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=600) == "COMPLETED", job_log(
-        run, job
-    )
+    final = slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=600)
+    assert final == "COMPLETED", job_log(run, job) + slurm.log_tail()
     log = job_log(run, job)
     assert int(slurm.job_field(job, "Restarts")) >= 1
     stopped = [int(s) for s in re.findall(r"stopped at step (\d+) of 200 \(signal\)", log)]
@@ -154,7 +156,8 @@ def test_chain_pretrain_export_linprobe(slurm, tmp_path, fmnist_shards):
 def test_two_tasks_pretrain_through_srun(slurm, tmp_path, fmnist_shards):
     run = tmp_path / "run"
     job = pretrain_job(slurm, run, fmnist_shards["train"], "deepspeed.zero_stage=2", tasks=2)
-    assert slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED")) == "COMPLETED", job_log(run, job)
+    final = slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert final == "COMPLETED", job_log(run, job) + slurm.log_tail()
     assert "2 process(es)" in job_log(run, job)
     meta = checkpoint.read_meta(checkpoint.latest_checkpoint(run))
     assert meta["world_size"] == 2 and meta["step"] == 8  # 64 samples/epoch, 2 x 8 per step, 2 epochs
