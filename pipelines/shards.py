@@ -37,6 +37,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="downscale images whose shorter side is larger to this many pixels (JPEG q90); "
         "smaller shards that decode faster, e.g. 256 or 320 for 224 training",
     )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="write only this many samples: a seeded random subset (the first ones with --no-shuffle)",
+    )
     return parser.parse_args(argv)
 
 
@@ -49,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.source.startswith("fashion-mnist:") and args.source.count(":") == 2
         else "train"
     )
-    with tqdm(total=len(source.records), unit="img", desc=f"shards {name}", file=sys.stderr) as bar:
+    total = min(len(source.records), args.limit or len(source.records))
+    with tqdm(total=total, unit="img", desc=f"shards {name}", file=sys.stderr) as bar:
         info = write_shards(
             source,
             args.out,
@@ -59,10 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             num_writers=args.writers,
             on_shard_done=bar.update,
             max_size=args.max_size,
+            limit=args.limit,
         )
-    print(
-        f"wrote {len(source.records)} samples in {-(-len(source.records) // args.shard_size)} shards: {info}"
-    )
+    print(f"wrote {total} samples in {-(-total // args.shard_size)} shards: {info}")
     return 0
 
 

@@ -42,11 +42,14 @@ class ShardSet:
 # ----------------------------------------------------------------------------- writing
 
 
-def _shard_plan(num_records: int, shard_size: int, seed: int | None) -> list[list[int]]:
+def _shard_plan(
+    num_records: int, shard_size: int, seed: int | None, limit: int | None = None
+) -> list[list[int]]:
     order = list(range(num_records))
     if seed is not None:  # mixed classes in every shard; the same files in the same shards each time
         random.Random(seed).shuffle(order)
-    return [order[start : start + shard_size] for start in range(0, num_records, shard_size)]
+    order = order[:limit]  # a seeded random subset, or the first `limit` records unshuffled
+    return [order[start : start + shard_size] for start in range(0, len(order), shard_size)]
 
 
 def downscaled(payload: bytes, extension: str, max_size: int, name: str = "") -> tuple[bytes, str]:
@@ -102,16 +105,20 @@ def write_shards(
     num_writers: int = 4,
     on_shard_done: Callable[[int], None] = lambda num: None,
     max_size: int | None = None,
+    limit: int | None = None,
 ) -> Path:
     """Writes `source` as shards into `out_dir` and returns the _info.json path. Shards already
     present under their final name are kept, so an interrupted run picks up where it stopped.
-    `max_size`: images whose shorter side is larger are downscaled to it (see `downscaled`)."""
+    `max_size`: images whose shorter side is larger are downscaled to it (see `downscaled`).
+    `limit`: only that many records (a seeded random subset; the first ones without shuffling)."""
     if shard_size < 1:
         raise UserInputError(f"shard_size must be at least 1, got {shard_size}")
     if max_size is not None and max_size < 1:
         raise UserInputError(f"max_size must be at least 1 pixel, got {max_size}")
+    if limit is not None and limit < 1:
+        raise UserInputError(f"limit must be at least 1 record, got {limit}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = _shard_plan(len(source.records), shard_size, shuffle_seed)
+    plan = _shard_plan(len(source.records), shard_size, shuffle_seed, limit)
     paths = [out_dir / f"{name}-{number:06d}.tar" for number in range(len(plan))]
 
     def work(number: int) -> int:

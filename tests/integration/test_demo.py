@@ -30,7 +30,9 @@ def test_quick_demo_runs_every_stage_and_writes_results(tmp_path):
     assert (out / "export" / "model.safetensors").is_file() and (
         out / "export" / "decoder.safetensors"
     ).is_file()
-    assert json.loads((out / "shards" / "train" / "_info.json").read_text())["num_samples"] == 60000
+    assert (
+        json.loads((out / "shards" / "train" / "_info.json").read_text())["num_samples"] == 6000
+    )  # --quick: a tenth
 
     probe = run_cli("visualize", str(out / "linprobe-mae"), "--out", str(tmp_path / "x.png"))
     assert probe.returncode == 2 and "reconstructions need a pretraining one" in probe.stderr

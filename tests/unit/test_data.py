@@ -49,6 +49,21 @@ def test_fashion_mnist_shards_keep_counts_labels_and_pixels(tmp_path):
     assert Counter(label for _, label in dataset) == Counter(r.label for r in source.records)
 
 
+def test_limit_writes_a_seeded_subset_or_the_first_records(tmp_path):
+    source = fashion_mnist_subset("test", 40)
+    keys = lambda directory: sorted(int(s["__key__"]) for s in _read_back(directory))  # noqa: E731
+    info = json.loads(write_shards(source, tmp_path / "a", shard_size=4, limit=10).read_text())
+    assert info["num_samples"] == 10 and [s["num_samples"] for s in info["shards"]] == [4, 4, 2]
+    subset = keys(tmp_path / "a")
+    assert len(set(subset)) == 10 and subset != list(range(10))  # a random subset, not the head
+    write_shards(source, tmp_path / "b", shard_size=4, limit=10)
+    assert keys(tmp_path / "b") == subset  # the same seed, the same subset
+    write_shards(source, tmp_path / "c", shard_size=4, limit=10, shuffle_seed=None)
+    assert keys(tmp_path / "c") == list(range(10))
+    with pytest.raises(ValueError, match="limit must be at least 1 record, got 0"):
+        write_shards(source, tmp_path / "d", limit=0)
+
+
 def test_image_folder_and_csv_keep_original_bytes(tmp_path):
     for name, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
         (tmp_path / "images" / name).mkdir(parents=True)
