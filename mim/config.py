@@ -149,6 +149,9 @@ class ProbeConfig:
     # Run the frozen backbone once (centre crops) and train the heads on the cached features:
     # many epochs for the price of one; gives up the protocol's RandomResizedCrop augmentation.
     cache_features: bool = False
+    # The feature: the pooled output of the last block (MAE's protocol, 1), or of the last n blocks
+    # side by side (DINO's protocol for small ViTs, n = 4); the heads are n times as wide.
+    blocks: int = 1
 
 
 @dataclass

@@ -257,6 +257,10 @@ def check_classify(config: ClassifyConfig, stage: str) -> ClassifyInputs:
         f"probe.blrs must be a non-empty list of positive base lrs, got {config.probe.blrs}",
     )
     require(
+        stage != "linprobe" or 1 <= config.probe.blocks <= arch["depth"],
+        f"probe.blocks must be between 1 and the encoder's depth {arch['depth']}, got {config.probe.blocks}",
+    )
+    require(
         0 < config.eval.crop_fraction <= 1,
         f"eval.crop_fraction must be in (0, 1], got {config.eval.crop_fraction}",
     )

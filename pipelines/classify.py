@@ -20,7 +20,12 @@ from pipelines.requeue import requeue_if_stopped
 
 def linprobe_model(config: ClassifyConfig, inputs: ClassifyInputs):
     model, report = build_linear_probe(
-        inputs.arch, inputs.weights, inputs.num_classes, len(config.probe.blrs), config.model.global_pool
+        inputs.arch,
+        inputs.weights,
+        inputs.num_classes,
+        len(config.probe.blrs),
+        config.model.global_pool,
+        config.probe.blocks,
     )
     top = max(config.probe.blrs)
     config.optim.blr = top  # the heads' lrs are probe.blrs; the schedule runs at the largest
@@ -72,6 +77,7 @@ def run(stage: str, argv: list[str] | None, description: str) -> int:
         "global_pool": config.model.global_pool,
         "load_report": report,
         "head_blrs": config.probe.blrs if stage == "linprobe" else None,
+        "probe_blocks": config.probe.blocks if stage == "linprobe" else None,
     }
     with started_run(Path(config.run.dir), config) as (env, device, stop):
         log.info(

@@ -182,7 +182,7 @@ class CachedFeatureProbe(ClassifierTrainer):
         super().__init__(*args, **kwargs)
         module = self.engine.module
         extract = lambda shards: extract_features(  # noqa: E731
-            lambda images: module.backbone(self.normalize(images)),
+            lambda images: module.features(self.normalize(images)),
             shards,
             eval_spec(self.view_spec),
             self.env,

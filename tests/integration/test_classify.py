@@ -60,11 +60,12 @@ def test_probe_learns_far_above_chance_and_leaves_the_backbone_untouched(
         f"init.from={official_checkpoint}",
         "model.global_pool=avg",
         "probe.blrs=[10.0,100.0,1000.0]",
+        "probe.blocks=2",
         "schedule.epochs=8",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = metrics(tmp_path / "probe")
-    assert report["load_report"] == {"missing": [], "unexpected": []}
+    assert report["load_report"] == {"missing": [], "unexpected": []} and report["probe_blocks"] == 2
     assert report["final"]["num_samples"] == 250 and len(report["evaluations"]) == 8
     assert report["best"]["top1"] > 40.0  # chance is 10 %; a random 4-block encoder, 8 short epochs
     assert report["best"]["top5"] >= report["best"]["top1"]
@@ -152,7 +153,18 @@ def test_wrong_checkpoints_fail_clearly_before_work(tmp_path, fmnist_shards):
     assert result.returncode == 2 and "loads safely (weights_only)" in result.stderr
     result = classify("linprobe", fmnist_shards, tmp_path / "c", f"init.from={tmp_path / 'missing.pth'}")
     assert result.returncode == 2 and "does not exist" in result.stderr
-    assert not any((tmp_path / name).exists() for name in "abc")
+    result = classify(
+        "linprobe",
+        fmnist_shards,
+        tmp_path / "d",
+        "init.from=none",
+        "model.name=mae_vit_demo_patch7",
+        "probe.blocks=5",
+    )
+    assert (
+        result.returncode == 2 and "probe.blocks must be between 1 and the encoder's depth 4" in result.stderr
+    )
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 def test_two_ranks_count_every_validation_sample_once(tmp_path, fmnist_shards, official_checkpoint):

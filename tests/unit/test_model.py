@@ -7,6 +7,7 @@ import timm
 import torch
 
 from mim.models import create_model, list_models, model_args
+from mim.models.classifier import build_linear_probe
 
 
 @pytest.fixture
@@ -170,3 +171,24 @@ def test_norm_pix_prediction_is_unnormalised_per_patch():
     # A perfect prediction of normalised targets maps back to the pixels themselves.
     pixels = model.prediction_to_pixels(imgs, model.targets(imgs))
     assert torch.allclose(pixels, imgs, atol=1e-3)
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "token"])
+def test_probe_on_last_blocks_concatenates_their_normed_pooled_outputs(global_pool):
+    torch.manual_seed(0)
+    arch = model_args("mae_vit_debug")
+    probe, _ = build_linear_probe(arch, None, num_classes=5, num_heads=2, global_pool=global_pool, blocks=2)
+    probe.eval()
+    vit = probe.backbone
+    imgs = torch.randn(3, 3, 32, 32)
+    tokens, outputs = vit.norm_pre(vit._pos_embed(vit.patch_embed(imgs))), []
+    for block in vit.blocks:
+        tokens = block(tokens)
+        normed = vit.norm(tokens)
+        outputs.append(normed[:, 1:].mean(1) if global_pool == "avg" else normed[:, 0])
+    expected = torch.cat(outputs, dim=1)  # depth 2: both blocks, the last one second
+    assert torch.allclose(probe.features(imgs), expected, atol=1e-5)
+    assert torch.allclose(expected[:, 32:], vit(imgs), atol=1e-5)  # the last block is the usual feature
+    assert probe(imgs).shape == (2, 3, 5) and probe.heads[0][1].in_features == 64
+    with pytest.raises(ValueError, match="probe blocks must be 1..2"):
+        build_linear_probe(arch, None, num_classes=5, num_heads=1, global_pool="avg", blocks=3)
