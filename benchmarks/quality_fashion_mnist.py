@@ -47,7 +47,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain-epochs", type=float, default=20)
-    parser.add_argument("--probe-epochs", type=float, default=60)
+    parser.add_argument("--probe-epochs", type=float, default=100)
     parser.add_argument("--finetune-epochs", type=float, default=3, help="with all labels")
     parser.add_argument("--fewshot-fraction", type=float, default=0.1)
     parser.add_argument("--fewshot-epochs", type=float, default=15, help="epochs over the labelled fraction")
