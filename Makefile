@@ -14,7 +14,7 @@ demo: setup
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(VENV)/bin/mim demo --out $${OUT:-runs/demo}
 
 test: setup-test
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra --durations=25 tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadfile tests
 
 lint: setup
 	$(VENV)/bin/ruff check mim pipelines tests benchmarks
