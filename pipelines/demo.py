@@ -80,7 +80,7 @@ def write_results(out: Path, accuracy: dict[str, float], seconds: dict[str, floa
 @reports_user_errors("mim demo")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mim demo", description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--out", type=Path, help="the run dir (default runs/demo, or runs/demo-quick)")
     parser.add_argument(
         "--data", type=Path, help=f"the four Fashion-MNIST idx files (default {DEFAULT_DATA})"
     )
@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="a one-minute smoke run of the same chain on a tenth of the data"
     )
     args = parser.parse_args(argv)
-    data, out = find_data(args.data), args.out.resolve()
+    # --quick gets its own default: a rerun resumes, and a quick run's shards and checkpoints
+    # must not be taken up by the full demo
+    out = (args.out or Path("runs/demo-quick" if args.quick else "runs/demo")).resolve()
+    data = find_data(args.data)
     quick = QUICK if args.quick else {"pretrain": [], "linprobe": [], "finetune": []}
     started, seconds = time.monotonic(), {}
     shards = {split: out / "shards" / split for split in ("train", "test")}

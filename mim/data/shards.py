@@ -118,6 +118,15 @@ def write_shards(
     if limit is not None and limit < 1:
         raise UserInputError(f"limit must be at least 1 record, got {limit}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    _claim(
+        out_dir,
+        name,
+        records=len(source.records),
+        shard_size=shard_size,
+        seed=shuffle_seed,
+        limit=limit,
+        max_size=max_size,
+    )
     plan = _shard_plan(len(source.records), shard_size, shuffle_seed, limit)
     paths = [out_dir / f"{name}-{number:06d}.tar" for number in range(len(plan))]
 
@@ -131,6 +140,28 @@ def write_shards(
             on_shard_done(count)
     lengths = [len(indices) for indices in plan]
     return write_info(out_dir, name, [p.name for p in paths], lengths, source.classes)
+
+
+def _claim(out_dir: Path, name: str, **options: int | None) -> None:
+    """Records what the shards of `name` in `out_dir` are made of before any is written. A rerun
+    keeps the shards already there, which is right only with the same source and options: other
+    ones are refused instead of leaving a mix of two plans under one _info.json."""
+    path = out_dir / f".{name}-plan.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = {
+            key: (before.get(key), value) for key, value in options.items() if before.get(key) != value
+        }
+        if changed:
+            described = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+            raise UserInputError(
+                f"{out_dir} holds {name} shards written from another source or with other options "
+                f"({described}): write them to another --out, or delete {out_dir} first"
+            )
+        return
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(options))
+    temporary.replace(path)
 
 
 def write_info(

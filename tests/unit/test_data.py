@@ -62,6 +62,11 @@ def test_limit_writes_a_seeded_subset_or_the_first_records(tmp_path):
     assert keys(tmp_path / "c") == list(range(10))
     with pytest.raises(ValueError, match="limit must be at least 1 record, got 0"):
         write_shards(source, tmp_path / "d", limit=0)
+    # a rerun into the same directory with other options is refused, the shards left as they were
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    with pytest.raises(ValueError, match=r"holds train shards .*\(limit 10 -> 20\).*another --out"):
+        write_shards(source, tmp_path / "a", shard_size=4, limit=20)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
 
 
 def test_image_folder_and_csv_keep_original_bytes(tmp_path):
@@ -119,6 +124,17 @@ def test_shards_cli_writes_and_resumes(tmp_path, fmnist_shards):
         "2",
     )
     assert again.returncode == 0 and (tmp_path / "out" / "train-000000.tar").stat().st_mtime_ns == first
+    other = run_cli(
+        "shards",
+        "--source",
+        f"imagefolder:{tmp_path / 'src'}",
+        "--out",
+        str(tmp_path / "out"),
+        "--shard-size",
+        "3",
+    )
+    assert other.returncode == 2 and "shard_size 2 -> 3" in other.stderr
+    assert (tmp_path / "out" / "train-000000.tar").stat().st_mtime_ns == first
     bad = run_cli("shards", "--source", f"imagefolder:{tmp_path / 'nowhere'}", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
