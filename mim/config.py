@@ -84,8 +84,9 @@ class ScheduleConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 1
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
+    zero_stage: int | str = "auto"  # 0 | 1 | 2 | auto: 0 on one process (nothing to partition), 1 on several
+    precision: str = "auto"  # auto: bf16 (autocast, fp32 weights) on CUDA, fp32 elsewhere
+    compile: bool | str = "auto"  # torch.compile the model; auto: on CUDA (on the CPU it does not pay)
 
 
 @dataclass
@@ -265,7 +266,12 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         if value is None and type(None) in typing.get_args(annotation):
             return None
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _check_type(value, options[0], where)
+        for option in options[:-1]:
+            try:
+                return _check_type(value, option, where)
+            except ConfigError:
+                continue
+        return _check_type(value, options[-1], where)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):

@@ -12,6 +12,7 @@ from mim.config import (
     ClassifyConfig,
     ConfigError,
     DataConfig,
+    DeepSpeedConfig,
     OptimConfig,
     PretrainConfig,
     ScheduleConfig,
@@ -125,6 +126,21 @@ def check_optim(optim: OptimConfig, schedule: ScheduleConfig) -> None:
     )
 
 
+def check_deepspeed(deepspeed: DeepSpeedConfig) -> None:
+    require(
+        deepspeed.zero_stage in (0, 1, 2, "auto"),
+        f"deepspeed.zero_stage must be 0, 1, 2 or auto, got {deepspeed.zero_stage!r}",
+    )
+    require(
+        deepspeed.precision in ("auto", "bf16", "fp16", "fp32"),
+        f"deepspeed.precision must be auto, bf16, fp16 or fp32, got {deepspeed.precision!r}",
+    )
+    require(
+        deepspeed.compile in (True, False, "auto"),
+        f"deepspeed.compile must be true, false or auto, got {deepspeed.compile!r}",
+    )
+
+
 def check_run_dir(run_dir: str) -> Path:
     require(bool(run_dir), "run.dir is not set (where checkpoints and logs go): add run.dir=PATH")
     path = Path(run_dir)
@@ -155,14 +171,7 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
     )
     check_data(config.data, arch["in_chans"])
     check_optim(config.optim, config.schedule)
-    require(
-        config.deepspeed.zero_stage in (0, 1, 2),
-        f"deepspeed.zero_stage must be 0, 1 or 2, got {config.deepspeed.zero_stage}",
-    )
-    require(
-        config.deepspeed.precision in ("auto", "bf16", "fp16", "fp32"),
-        f"deepspeed.precision must be auto, bf16, fp16 or fp32, got {config.deepspeed.precision!r}",
-    )
+    check_deepspeed(config.deepspeed)
     check_run_dir(config.run.dir)
     require(
         config.run.checkpoint_every >= 1,
@@ -240,6 +249,7 @@ def check_classify(config: ClassifyConfig, stage: str) -> ClassifyInputs:
     )
     check_data(config.data, arch["in_chans"])
     check_optim(config.optim, config.schedule)
+    check_deepspeed(config.deepspeed)
     require(
         config.optim.optimizer in ("adamw", "lars"),
         f"optim.optimizer must be adamw or lars, got {config.optim.optimizer!r}",

@@ -23,8 +23,16 @@ from mim.data.shards import ShardSet
 from mim.data.streams import TrainStream, ViewSpec, train_loader
 from mim.data.transforms import normalize_on_device
 from mim.distributed import DistEnv, all_reduce_sum, any_rank, barrier, gather_objects
-from mim.engine.deepspeed_engine import EngineSettings, build_engine, engine_param_groups, resolve_precision
-from mim.engine.schedule import apply_lr, warmup_cosine
+from mim.engine.deepspeed_engine import (
+    EngineSettings,
+    build_engine,
+    engine_description,
+    engine_param_groups,
+    input_dtype,
+    resolve_precision,
+)
+from mim.engine.schedule import warmup_cosine
+from mim.engine.step import StepRunner
 from mim.errors import TrainingStopped
 from mim.recipe import make_plan
 from mim.runtime import Progress, StopSignal, format_duration
@@ -71,21 +79,20 @@ class Trainer:
             config.optim, config.schedule, config.data.batch_size, env.world_size, samples_per_epoch
         )
         self.precision = resolve_precision(config.deepspeed.precision)
-        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        self.engine = build_engine(
-            model,
-            groups,
-            EngineSettings(
-                micro_batch_size=config.data.batch_size,
-                accum_steps=config.optim.accum_steps,
-                world_size=env.world_size,
-                zero_stage=config.deepspeed.zero_stage,
-                precision=config.deepspeed.precision,
-                grad_clip=config.optim.grad_clip,
-                betas=tuple(config.optim.betas),
-                optimizer=optimizer,
-            ),
+        self.input_dtype = input_dtype(self.precision)
+        self.engine_settings = EngineSettings(
+            micro_batch_size=config.data.batch_size,
+            accum_steps=config.optim.accum_steps,
+            world_size=env.world_size,
+            zero_stage=config.deepspeed.zero_stage,
+            precision=config.deepspeed.precision,
+            grad_clip=config.optim.grad_clip,
+            betas=tuple(config.optim.betas),
+            optimizer=optimizer,
+            compile=config.deepspeed.compile,
         )
+        self.engine = build_engine(model, groups, self.engine_settings)
+        self.runner = StepRunner(self.engine, self.engine_settings, device)
         self.step = 0
         self.positions: dict[int, tuple[int, int]] = {}  # data-stream position per logical worker
         self.next_worker = 0
@@ -110,6 +117,7 @@ class Trainer:
             "config": to_tree(self.config),
             "world_size": self.env.world_size,
             "samples_seen": self.step * self.plan.effective_batch,
+            "engine": engine_description(self.engine_settings),
             "data": {"train": self.config.data.train, "num_samples": self.shards.num_samples},
         }
 
@@ -118,6 +126,18 @@ class Trainer:
             raise ConfigError(
                 f"cannot resume from {path}: it was written by stage {meta.get('stage')!r}, "
                 f"this is {self.stage!r}; use a new run.dir"
+            )
+        # Checkpoints from before this key was written are ZeRO stage 1 (the default then).
+        theirs = meta.get(
+            "engine", {"zero_stage": meta.get("config", {}).get("deepspeed", {}).get("zero_stage", 1)}
+        )
+        ours = engine_description(self.engine_settings)
+        if theirs.get("zero_stage") != ours["zero_stage"]:
+            raise ConfigError(
+                f"cannot resume from {path}: its optimizer state was written at ZeRO stage "
+                f"{theirs.get('zero_stage')}, this run uses stage {ours['zero_stage']} "
+                f"(deepspeed.zero_stage={self.config.deepspeed.zero_stage} on {self.env.world_size} "
+                f"process(es)); set deepspeed.zero_stage={theirs.get('zero_stage')} to resume it"
             )
 
     # ------------------------------------------------------------------ checkpoints
@@ -197,49 +217,45 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def train_step(self, batches, nonfinite_step: torch.Tensor) -> torch.Tensor:
+    def train_step(self, batches) -> torch.Tensor:
         """One optimizer step over accum_steps micro-batches; returns the summed loss (on device)."""
-        apply_lr(
-            engine_param_groups(self.engine),
-            warmup_cosine(
-                self.step,
-                self.plan.total_steps,
-                self.plan.warmup_steps,
-                self.plan.lr,
-                self.config.optim.min_lr,
-            ),
+        lr = warmup_cosine(
+            self.step, self.plan.total_steps, self.plan.warmup_steps, self.plan.lr, self.config.optim.min_lr
         )
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.config.optim.accum_steps):
+
+        def micro_loss(micro: int) -> torch.Tensor:
             batch = next(batches)
             self.positions[batch["worker"]] = batch["position"]
             self.next_worker = (batch["worker"] + 1) % max(1, self.config.data.num_workers)
             self.bad_by_shard.update(batch["bad"])
             labels = batch["labels"].to(self.device, non_blocking=True)
-            loss = self.forward_loss(self.normalize(batch["images"]), labels, micro)
-            self.engine.backward(loss)
-            self.engine.step()
-            loss = loss.detach().float()
-            nonfinite_step.copy_(
-                torch.where(
-                    torch.isfinite(loss) | (nonfinite_step >= 0),
-                    nonfinite_step,
-                    torch.tensor(self.step + 1, device=self.device),
-                )
-            )
-            loss_sum += loss
-        return loss_sum
+            return self.forward_loss(self.normalize(batch["images"]), labels, micro)
 
-    def check_health(self, nonfinite_step: torch.Tensor, samples_seen: int) -> None:
-        """Raises before anything is written when a loss went non-finite or too much data was bad."""
-        local_step = int(nonfinite_step.item())
+        return self.runner.run(self.step + 1, lr, micro_loss, want_norm=self.logs_at(self.step + 1))
+
+    def logs_at(self, step: int) -> bool:
+        return step % self.config.log.every == 0 or step in (
+            self.plan.total_steps,
+            self.config.run.stop_after,
+        )
+
+    def check_health(self, samples_seen: int, before_checkpoint: bool = False) -> None:
+        """Raises before anything is written when a loss, gradient or weight went non-finite or
+        too much data was bad."""
+        local_step, what = self.runner.first_bad(), "the loss or the gradient norm"
+        if local_step < 0 and before_checkpoint and not self.runner.weights_are_finite():
+            local_step, what = self.step, "the weights"  # a non-finite gradient on a step not logged
         totals = all_reduce_sum(
             torch.tensor([float(self.bad_by_shard.total()), float(local_step >= 0)], device=self.device)
         )
         if totals[1].item() > 0:
-            where = f"step {local_step}" if local_step >= 0 else "a step on another rank"
+            where = (
+                f"{what} became NaN/inf at step {local_step}"
+                if local_step >= 0
+                else "another rank went NaN/inf"
+            )
             raise NonFiniteLoss(
-                f"loss became NaN/inf at {where}; stopped without writing a checkpoint (last good one: "
+                f"{where}; stopped without writing a checkpoint (last good one: "
                 f"{checkpoint.latest_checkpoint(self.run_dir)}). Lower the lr, set optim.grad_clip, or check the data"
             )
         total_bad = totals[0].item()
@@ -263,8 +279,7 @@ class Trainer:
         loss = all_reduce_sum(loss_sum.clone()).item() / micro_losses
         rate, eta = progress.update(self.step, self.plan.effective_batch)
         lr = max(group["lr"] for group in engine_param_groups(self.engine))
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        grad_norm = float(self.runner.grad_norm) if self.runner.grad_norm is not None else float("nan")
         samples = self.step * self.plan.effective_batch
         log.info(
             "%s step %d/%d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s  samples %d  eta %s",
@@ -317,7 +332,6 @@ class Trainer:
         )
         batches = self.batches()
         progress = Progress(plan.total_steps, start=self.step)
-        nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
         loss_sum, steps_since_log, last_loss, reason = (
             torch.zeros((), device=self.device),
             0,
@@ -326,12 +340,12 @@ class Trainer:
         )
         self.engine.train()
         while self.step < plan.total_steps:
-            loss_sum += self.train_step(batches, nonfinite_step)
+            loss_sum += self.train_step(batches)
             self.step += 1
             steps_since_log += 1
             at_end = self.step in (plan.total_steps, config.run.stop_after)
-            if self.step % config.log.every == 0 or at_end:
-                self.check_health(nonfinite_step, self.step * plan.effective_batch)
+            if self.logs_at(self.step):
+                self.check_health(self.step * plan.effective_batch)
                 last_loss = self.log_step(loss_sum, steps_since_log, progress)
                 loss_sum.zero_()
                 steps_since_log = 0
@@ -342,7 +356,7 @@ class Trainer:
                 and any_rank(self.stop.requested, self.device)
             )
             if self.step % config.run.checkpoint_every == 0 or at_end or stop_requested:
-                self.check_health(nonfinite_step, self.step * plan.effective_batch)
+                self.check_health(self.step * plan.effective_batch, before_checkpoint=True)
                 self.save(last_loss)
             if stop_requested or self.step == config.run.stop_after:
                 reason = "signal" if stop_requested else "stop_after"

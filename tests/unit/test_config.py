@@ -36,9 +36,16 @@ def test_paper_recipe_values():
     assert (config.schedule.epochs, config.schedule.warmup_epochs, config.deepspeed.zero_stage) == (
         800,
         40,
-        1,
+        "auto",
     )
     assert config.optim.betas == [0.9, 0.95] and config.optim.weight_decay == 0.05
+
+
+def test_settings_that_take_a_word_or_a_value_keep_the_type_written():
+    config = load_config(PretrainConfig, None, ["deepspeed.zero_stage=1", "deepspeed.compile=true"])
+    assert config.deepspeed.zero_stage == 1 and config.deepspeed.compile is True
+    config = load_config(PretrainConfig, None, ["deepspeed.zero_stage=auto", "deepspeed.compile=auto"])
+    assert config.deepspeed.zero_stage == "auto" and config.deepspeed.compile == "auto"
 
 
 def test_unknown_key_suggests_the_close_one():
@@ -98,8 +105,10 @@ def _checked(tmp_path, *overrides, shards=None):
         ("model.num_heads=3", "not divisible by model.num_heads"),
         ("data.crop_scale=[0.5, 0.2]", "crop_scale"),
         ("schedule.warmup_epochs=900", "warmup_epochs"),
-        ("deepspeed.zero_stage=3", "zero_stage must be 0, 1 or 2"),
+        ("deepspeed.zero_stage=3", "zero_stage must be 0, 1, 2 or auto"),
+        ("deepspeed.zero_stage=[1]", "zero_stage"),
         ("deepspeed.precision=fp8", "precision"),
+        ("deepspeed.compile=sometimes", "compile must be true, false or auto"),
     ],
 )
 def test_impossible_combinations_fail_before_work(tmp_path, jpeg_shards, override, message):
