@@ -1,24 +1,43 @@
-"""Images/s and peak memory of MAE pretraining steps (forward, backward, optimizer step) for a
-chosen variant and batch on the current device, through the same DeepSpeed engine as training.
+"""mim's pretraining step against a plain PyTorch loop, side by side in one process, on the same
+model object and the same input, on the current device.
 
-    python benchmarks/pretrain_step.py --model mae_vit_base_patch16 --batch 8            # CPU, fp32
-    python benchmarks/pretrain_step.py --model mae_vit_base_patch16 --batch 256 --precision bf16  # GPU
+    python benchmarks/pretrain_step.py --model mae_vit_debug mae_vit_demo_patch7 --batch 8 256   # CPU
+    python benchmarks/pretrain_step.py --model mae_vit_base_patch16 --batch 64 256                # GPU
+
+mim's step is the one every training stage runs (mim.engine.step.StepRunner on the DeepSpeed
+engine that mim.engine.deepspeed_engine builds from the same settings as `mim pretrain`). The
+reference is the loop a user would write: autocast (bf16 on a GPU, none on the CPU), loss.backward(),
+torch's fused AdamW (0.9, 0.95) over the same parameter groups, zero_grad(set_to_none=True).
+Both take the same images and the same masks. The two alternate in rounds (ref, mim, then mim,
+ref, ...) and the medians are printed; then the model is compiled in place (`engine.compile()`)
+and both run the compiled model. `ratio` is the reference's ms / mim's ms: above 1, mim is faster.
+
+On a GPU, MFU = the FLOPs of one step (torch.utils.flop_counter) / step time / the bf16 matmul
+rate measured in this run; peak GiB is torch's peak allocation during the variant's steps (the
+model and both optimizers' states are resident throughout). On the CPU, peak RSS is the process's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from mim.distributed import init_distributed, read_dist_env
-from mim.engine.deepspeed_engine import EngineSettings, build_engine, engine_param_groups, resolve_precision
+from mim.engine.deepspeed_engine import EngineSettings, build_engine, resolve_precision, resolve_zero_stage
 from mim.engine.optim import param_groups
 from mim.engine.schedule import apply_lr
+from mim.engine.step import StepRunner
 from mim.models import create_model
+
+LR = 1e-4
 
 
 def parse() -> argparse.Namespace:
@@ -28,82 +47,175 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--model", nargs="+", default=["mae_vit_base_patch16"])
     parser.add_argument("--batch", nargs="+", type=int, default=[8])
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    parser.add_argument("--zero-stage", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--zero-stage", default="auto", help="0, 1, 2 or auto (as deepspeed.zero_stage)")
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "off", "both"],
+        help="auto: both on CUDA, off on the CPU",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps before each variant's first round"
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     return parser.parse_args()
 
 
-def peak_memory_gib(device: torch.device) -> float:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB -> GiB)
+        torch.cuda.synchronize(device)
 
 
-def measure(name: str, batch: int, args: argparse.Namespace, device: torch.device) -> dict:
-    model = create_model(name).to(device)
-    engine = build_engine(
-        model,
-        param_groups(model, 0.05),
-        EngineSettings(
+def matmul_peak_tflops(device: torch.device) -> float:
+    """The bf16 matmul rate this device reaches now (8192^3, best of 20)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(20):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 8192**3 / best / 1e12
+
+
+class Bench:
+    """One model, one input; the reference loop and mim's engine step over the same parameters."""
+
+    def __init__(self, name: str, batch: int, args: argparse.Namespace, device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.device, self.args, self.batch = device, args, batch
+        self.model = create_model(name).to(device)
+        self.precision = resolve_precision(args.precision)
+        self.settings = EngineSettings(
             micro_batch_size=batch,
             accum_steps=1,
             world_size=1,
             zero_stage=args.zero_stage,
             precision=args.precision,
             grad_clip=None,
-        ),
-    )
-    dtype = {"bf16": torch.bfloat16}.get(resolve_precision(args.precision), torch.float32)
-    images = torch.randn(batch, model.in_chans, *model.patch_embed.img_size, device=device, dtype=dtype)
-    apply_lr(engine_param_groups(engine), 1e-4)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        )
+        self.engine = build_engine(self.model, param_groups(self.model, 0.05), self.settings)
+        self.runner = StepRunner(self.engine, self.settings, device)
+        self.reference_groups = param_groups(self.model, 0.05)
+        self.reference_optimizer = torch.optim.AdamW(
+            self.reference_groups, lr=LR, betas=(0.9, 0.95), fused=True
+        )
+        size = self.model.patch_embed.img_size
+        self.images = torch.randn(batch, self.model.in_chans, *size, device=device)
+        self.noise = torch.rand(batch, self.model.num_patches, device=device)
+        self.step_number = 0
 
-    def step() -> None:
-        loss, _, _ = engine(images, mask_ratio=args.mask_ratio)
-        engine.backward(loss)
-        engine.step()
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - start) / args.steps
-    result = {
-        "model": name,
-        "batch": batch,
-        "precision": resolve_precision(args.precision),
-        "step_ms": seconds * 1000,
-        "images_per_s": batch / seconds,
-        "peak_gib": peak_memory_gib(device),
-    }
-    return result
+    def reference_step(self) -> None:
+        apply_lr(self.reference_groups, LR)
+        with self.autocast():
+            loss, _, _ = self.model(self.images, mask_ratio=self.args.mask_ratio, noise=self.noise)
+        loss.backward()
+        self.reference_optimizer.step()
+        self.reference_optimizer.zero_grad(set_to_none=True)
+
+    def mim_step(self) -> None:
+        self.step_number += 1
+
+        def micro_loss(micro: int) -> torch.Tensor:
+            loss, _, _ = self.engine(self.images, mask_ratio=self.args.mask_ratio, noise=self.noise)
+            return loss
+
+        self.runner.run(self.step_number, LR, micro_loss)
+
+    def step_flops(self) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter, self.autocast():
+            loss, _, _ = self.model(self.images, mask_ratio=self.args.mask_ratio, noise=self.noise)
+            loss.backward()
+        self.model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    def time_block(self, step: Callable[[], None]) -> tuple[float, float]:
+        """ms per step over args.steps steps, and the peak GiB while they ran."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        synchronize(self.device)
+        start = time.perf_counter()
+        for _ in range(self.args.steps):
+            step()
+        synchronize(self.device)
+        ms = (time.perf_counter() - start) / self.args.steps * 1000
+        if self.device.type == "cuda":
+            return ms, torch.cuda.max_memory_allocated(self.device) / 2**30
+        return ms, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    def compare(self) -> dict[str, tuple[float, float]]:
+        """Median ms and peak GiB of each variant over interleaved rounds."""
+        steps = {"reference": self.reference_step, "mim": self.mim_step}
+        for step in steps.values():
+            for _ in range(self.args.warmup):
+                step()
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        peaks: dict[str, float] = dict.fromkeys(steps, 0.0)
+        for round_index in range(self.args.rounds):
+            order = list(steps) if round_index % 2 == 0 else list(reversed(steps))
+            for name in order:
+                ms, peak = self.time_block(steps[name])
+                times[name].append(ms)
+                peaks[name] = max(peaks[name], peak)
+        if self.runner.first_bad() >= 0:
+            raise RuntimeError("the benchmark's loss went non-finite: its timings would mean nothing")
+        return {name: (statistics.median(times[name]), peaks[name]) for name in steps}
+
+
+def mfu(flops: int, ms: float, peak_tflops: float | None) -> str:
+    return f"{100 * flops / (ms / 1000) / (peak_tflops * 1e12):.1f} %" if peak_tflops else "-"
 
 
 def main() -> None:
     args = parse()
     device = init_distributed(read_dist_env())
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"device: {where}; torch {torch.__version__}; threads {torch.get_num_threads()}")
+    cuda = device.type == "cuda"
+    compile_modes = [False, True] if args.compile == "both" or (args.compile == "auto" and cuda) else [False]
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores)"
+    peak_tflops = matmul_peak_tflops(device) if cuda else None
     print(
-        f"| {'model':<24} | {'batch':>5} | {'precision':>9} | {'step ms':>9} | {'images/s':>9} | {'peak GiB':>8} |"
+        f"device: {where}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+        f"ZeRO stage {resolve_zero_stage(args.zero_stage, 1)}; {args.rounds} rounds x {args.steps} steps"
+        + (f"; bf16 matmul peak {peak_tflops:.0f} TFLOP/s" if peak_tflops else ""),
+        flush=True,
     )
-    print(f"|{'-' * 26}|{'-' * 7}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 10}|")
+    print(
+        "| model | batch | precision | compiled | reference ms | mim ms | ratio | reference img/s | mim img/s "
+        "| reference MFU | mim MFU | reference peak GiB | mim peak GiB |"
+    )
+    print("|" + "---|" * 13)
     for name in args.model:
         for batch in args.batch:
-            r = measure(name, batch, args, device)
-            print(
-                f"| {r['model']:<24} | {r['batch']:>5} | {r['precision']:>9} | {r['step_ms']:>9.1f} | "
-                f"{r['images_per_s']:>9.1f} | {r['peak_gib']:>8.2f} |",
-                flush=True,
-            )
+            bench = Bench(name, batch, args, device)
+            flops = bench.step_flops() if cuda else 0
+            for compiled in compile_modes:
+                if compiled:
+                    bench.engine.compile()  # in place: the reference loop runs the compiled model too
+                results = bench.compare()
+                ref_ms, ref_peak = results["reference"]
+                mim_ms, mim_peak = results["mim"]
+
+                print(
+                    f"| {name} | {batch} | {bench.precision} | {'yes' if compiled else 'no'} | {ref_ms:.1f} | "
+                    f"{mim_ms:.1f} | {ref_ms / mim_ms:.2f}x | {batch * 1000 / ref_ms:.1f} | "
+                    f"{batch * 1000 / mim_ms:.1f} | {mfu(flops, ref_ms, peak_tflops)} | {mfu(flops, mim_ms, peak_tflops)} | {ref_peak:.2f} | {mim_peak:.2f} |",
+                    flush=True,
+                )
+            del bench
+            if cuda:
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
