@@ -15,6 +15,9 @@ and both run the compiled model. `ratio` is the reference's ms / mim's ms: above
 On a GPU, MFU = the FLOPs of one step (torch.utils.flop_counter) / step time / the bf16 matmul
 rate measured in this run; peak GiB is torch's peak allocation during the variant's steps (the
 model and both optimizers' states are resident throughout). On the CPU, peak RSS is the process's.
+
+`--profile DIR` also runs torch.profiler over a few of mim's steps per model and batch, prints the
+ops that take the most time and writes a Chrome trace (chrome://tracing, Perfetto) to DIR.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--profile", metavar="DIR", help="also profile mim's steps; traces go to DIR")
     return parser.parse_args()
 
 
@@ -174,6 +178,23 @@ class Bench:
         return {name: (statistics.median(times[name]), peaks[name]) for name in steps}
 
 
+def profile_steps(bench: Bench, directory: str, label: str) -> None:
+    """torch.profiler over 3 of mim's steps: the top ops by self time, and a Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(3):
+            bench.mim_step()
+        synchronize(bench.device)
+    sort_by = "self_cuda_time_total" if bench.device.type == "cuda" else "self_cpu_time_total"
+    print(
+        f"\nprofile of 3 mim steps, {label}:\n" + profiler.key_averages().table(sort_by=sort_by, row_limit=15)
+    )
+    os.makedirs(directory, exist_ok=True)
+    profiler.export_chrome_trace(os.path.join(directory, f"{label}.json"))
+
+
 def mfu(flops: int, ms: float, peak_tflops: float | None) -> str:
     return f"{100 * flops / (ms / 1000) / (peak_tflops * 1e12):.1f} %" if peak_tflops else "-"
 
@@ -213,6 +234,10 @@ def main() -> None:
                     f"{batch * 1000 / mim_ms:.1f} | {mfu(flops, ref_ms, peak_tflops)} | {mfu(flops, mim_ms, peak_tflops)} | {ref_peak:.2f} | {mim_peak:.2f} |",
                     flush=True,
                 )
+                if args.profile:
+                    profile_steps(
+                        bench, args.profile, f"{name}-b{batch}-{'compiled' if compiled else 'eager'}"
+                    )
             del bench
             if cuda:
                 torch.cuda.empty_cache()
