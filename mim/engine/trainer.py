@@ -137,7 +137,8 @@ class Trainer:
                 f"cannot resume from {path}: its optimizer state was written at ZeRO stage "
                 f"{theirs.get('zero_stage')}, this run uses stage {ours['zero_stage']} "
                 f"(deepspeed.zero_stage={self.config.deepspeed.zero_stage} on {self.env.world_size} "
-                f"process(es)); set deepspeed.zero_stage={theirs.get('zero_stage')} to resume it"
+                f"process(es)); set deepspeed.zero_stage={theirs.get('zero_stage')} to resume it, "
+                "or use a new run.dir"
             )
 
     # ------------------------------------------------------------------ checkpoints
