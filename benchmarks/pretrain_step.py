@@ -50,7 +50,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--model", nargs="+", default=["mae_vit_base_patch16"])
     parser.add_argument("--batch", nargs="+", type=int, default=[8])
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    parser.add_argument("--zero-stage", default="auto", help="0, 1, 2 or auto (as deepspeed.zero_stage)")
+    parser.add_argument(
+        "--zero-stage", default="auto", choices=["auto", "0", "1", "2"], help="as deepspeed.zero_stage"
+    )
     parser.add_argument(
         "--compile",
         default="auto",
