@@ -24,46 +24,79 @@ class DistEnv:
     master_addr: str
     master_port: int
     launcher: str  # slurm | torchrun | single
+    node: str = ""  # this process's node (Slurm's node name, else the host name)
+    node_rank: int = 0
+    num_nodes: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def _first_slurm_host(nodelist: str) -> str:
+def _scontrol(*args: str) -> str | None:
     try:
-        hosts = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
-        ).stdout.split()
-        return hosts[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]
+        return subprocess.run(
+            ["scontrol", *args], check=True, capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    hosts = (_scontrol("show", "hostnames", nodelist) or "").split()
+    return hosts[0] if hosts else nodelist.split(",")[0].split("[")[0]
+
+
+def rendezvous_host(nodelist: str) -> str:
+    """The first node of a Slurm node list as the other nodes can reach it: its name where the
+    name resolves (most clusters), else the node's address as Slurm knows it (NodeAddr), for
+    clusters whose Slurm node names are not host names."""
+    host = _first_slurm_host(nodelist)
+    try:
+        socket.getaddrinfo(host, None)
+        return host
+    except OSError:
+        pass
+    for field in (_scontrol("show", "node", host, "-o") or "").split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1]
+    return host
 
 
 def read_dist_env(environ: dict[str, str] | None = None) -> DistEnv:
     env = os.environ if environ is None else environ
+    host = socket.gethostname().split(".")[0]
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / deepspeed launcher
+        world_size = int(env["WORLD_SIZE"])
         return DistEnv(
             rank=int(env["RANK"]),
             local_rank=int(env.get("LOCAL_RANK", 0)),
-            world_size=int(env["WORLD_SIZE"]),
+            world_size=world_size,
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
             launcher="torchrun",
+            node=host,
+            node_rank=int(env.get("GROUP_RANK", 0)),
+            num_nodes=max(1, world_size // int(env.get("LOCAL_WORLD_SIZE") or world_size)),
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or socket.gethostname()
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or host
         return DistEnv(
             rank=int(env["SLURM_PROCID"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             world_size=int(env["SLURM_NTASKS"]),
-            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
+            # From the allocation, never from MASTER_ADDR/MASTER_PORT: sbatch exports the submitting
+            # shell's environment, where those may be left over from some other run.
+            master_addr=rendezvous_host(nodelist),
             # A port from the job id: jobs sharing a node do not collide, a requeued job reuses it.
-            master_port=int(env.get("MASTER_PORT") or 20000 + int(env["SLURM_JOB_ID"]) % 20000),
+            master_port=20000 + int(env["SLURM_JOB_ID"]) % 20000,
             launcher="slurm",
+            node=env.get("SLURMD_NODENAME") or host,
+            node_rank=int(env.get("SLURM_NODEID", 0)),
+            num_nodes=int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES") or 1),
         )
     # One process: any free port, so that several single-process runs on one machine never collide.
-    return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single")
+    return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single", host)
 
 
 def _free_port() -> int:
@@ -101,6 +134,15 @@ def init_distributed(env: DistEnv) -> torch.device:
             auto_mpi_discovery=False,
             timeout=datetime.timedelta(minutes=30),
         )
+    log.info(
+        "%d process(es) on %d node(s) (%s), rendezvous %s:%d; rank 0 on %s",
+        env.world_size,
+        env.num_nodes,
+        env.launcher,
+        env.master_addr,
+        env.master_port,
+        env.node,
+    )
     return torch.device("cpu") if cpu else torch.device("cuda", env.local_rank)
 
 

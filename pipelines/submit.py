@@ -45,13 +45,14 @@ def cluster_parser() -> argparse.ArgumentParser:
 def spec_for(
     args: argparse.Namespace, stage: str, arguments: list[str], log_dir: Path, dependency: str | None
 ) -> JobSpec:
+    one_process = stage == "export"  # export reads a checkpoint and writes files: one task, no GPU
     return JobSpec(
         stage=stage,
         arguments=arguments,
         log_dir=log_dir.resolve(),
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        tasks_per_node=args.tasks_per_node,
+        nodes=1 if one_process else args.nodes,
+        gpus_per_node=0 if one_process else args.gpus_per_node,
+        tasks_per_node=1 if one_process else args.tasks_per_node,
         cpus_per_task=args.cpus_per_task,
         time=args.time,
         partition=args.partition,

@@ -93,6 +93,7 @@ class Trainer:
         )
         self.engine = build_engine(model, groups, self.engine_settings)
         self.runner = StepRunner(self.engine, self.engine_settings, device)
+        self.nodes = gather_objects(env.node)  # each rank's node, for meta.json
         self.step = 0
         self.positions: dict[int, tuple[int, int]] = {}  # data-stream position per logical worker
         self.next_worker = 0
@@ -116,6 +117,7 @@ class Trainer:
             "stage": self.stage,
             "config": to_tree(self.config),
             "world_size": self.env.world_size,
+            "nodes": self.nodes,
             "samples_seen": self.step * self.plan.effective_batch,
             "engine": engine_description(self.engine_settings),
             "data": {"train": self.config.data.train, "num_samples": self.shards.num_samples},

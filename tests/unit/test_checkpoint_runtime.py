@@ -73,14 +73,23 @@ def test_dist_env_from_slurm_and_torchrun():
             "SLURM_NTASKS": "8",
             "SLURM_JOB_ID": "1234",
             "SLURM_JOB_NODELIST": "gpu-a",
-            "MASTER_ADDR": "",
+            "SLURM_JOB_NUM_NODES": "4",
+            "SLURM_NODEID": "2",
+            "SLURMD_NODENAME": "gpu-c",
+            "MASTER_ADDR": "10.0.0.9",  # left over in the submitting shell: not this job's
+            "MASTER_PORT": "1234",
         }
     )
     assert (slurm.rank, slurm.local_rank, slurm.world_size, slurm.launcher) == (5, 1, 8, "slurm")
+    assert (slurm.node, slurm.node_rank, slurm.num_nodes) == ("gpu-c", 2, 4)
     assert slurm.master_port == 20000 + 1234 and slurm.master_addr == "gpu-a"
     torchrun = read_dist_env(
         {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1111"}
     )
+    across_nodes = read_dist_env(
+        {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "GROUP_RANK": "1"}
+    )
+    assert (across_nodes.node_rank, across_nodes.num_nodes) == (1, 2)
     assert (torchrun.rank, torchrun.world_size, torchrun.master_port, torchrun.launcher) == (
         1,
         2,
