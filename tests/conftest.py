@@ -33,7 +33,9 @@ def free_port() -> int:
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     }
     env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
     return env
@@ -49,6 +51,35 @@ def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.Complete
         text=True,
         timeout=timeout,
     )
+
+
+def torchrun(nproc: int, *program: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `program` (a script and its arguments, or `-m module ...`) as `nproc` ranks on this
+    machine, through torchrun."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        *program,
+    ]
+    return subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli_ranks(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `mim ARGS` as `nproc` ranks on this machine."""
+    return torchrun(nproc, "-m", "pipelines.cli", *args, timeout=timeout)
+
+
+# Fashion-MNIST on the debug model: one grey channel, 28x28 images in 7x7 patches
+GREY = (
+    "data.mean=[0.286]",
+    "data.std=[0.353]",
+    "model.img_size=28",
+    "model.patch_size=7",
+    "model.in_chans=1",
+)
 
 
 def fashion_mnist_subset(split: str, count: int) -> Source:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 from mim import checkpoint
 from mim.data.shards import write_shards
 from mim.models import create_model
-from tests.conftest import REPO, cli_env, fashion_mnist_subset, free_port, run_cli
+from tests.conftest import fashion_mnist_subset, run_cli, run_cli_ranks
 
 pytestmark = pytest.mark.slow
 GREY = (
@@ -170,14 +168,8 @@ def test_wrong_checkpoints_fail_clearly_before_work(tmp_path, fmnist_shards):
 def test_two_ranks_count_every_validation_sample_once(tmp_path, fmnist_shards, official_checkpoint):
     val = tmp_path / "val101"
     write_shards(fashion_mnist_subset("test", 101), val, name="val", shard_size=40)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "pipelines.cli",
+    result = run_cli_ranks(
+        2,
         "linprobe",
         "--config",
         "configs/linprobe/debug.yaml",
@@ -188,8 +180,7 @@ def test_two_ranks_count_every_validation_sample_once(tmp_path, fmnist_shards, o
         "data.num_workers=2",
         "schedule.epochs=1",
         *GREY,
-    ]
-    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert metrics(tmp_path / "run")["final"]["num_samples"] == 101
 

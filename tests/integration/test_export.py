@@ -4,8 +4,6 @@ any checkpoint (ZeRO-sharded included), and official checkpoints that start pret
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -17,7 +15,7 @@ from mim.data.shards import ShardSet, with_lengths
 from mim.data.streams import EvalStream, ViewSpec
 from mim.data.transforms import normalize_on_device
 from mim.models import create_model
-from tests.conftest import REPO, cli_env, free_port, run_cli
+from tests.conftest import run_cli, run_cli_ranks
 
 pytestmark = pytest.mark.slow
 GREY = ("data.mean=[0.286]", "data.std=[0.353]")
@@ -106,14 +104,8 @@ def test_grey_28px_patch4_round_trip_and_bf16(tmp_path, fmnist_shards):
 
 def test_zero2_two_rank_checkpoint_exports_the_engine_weights(tmp_path, fmnist_shards):
     run = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "pipelines.cli",
+    result = run_cli_ranks(
+        2,
         "pretrain",
         "--config",
         "configs/pretrain/debug.yaml",
@@ -126,8 +118,7 @@ def test_zero2_two_rank_checkpoint_exports_the_engine_weights(tmp_path, fmnist_s
         "model.patch_size=7",
         "model.in_chans=1",
         *GREY,
-    ]
-    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     latest = checkpoint.latest_checkpoint(run)
     assert len(list(latest.glob("*zero_pp_rank_*_optim_states.pt"))) == 2  # really sharded over 2 ranks

@@ -18,16 +18,9 @@ import webdataset as wds
 from safetensors.torch import load_file
 
 from mim import checkpoint
-from tests.conftest import REPO, cli_env, run_cli
+from tests.conftest import GREY, REPO, cli_env, run_cli
 
 pytestmark = pytest.mark.slow
-GREY = (
-    "data.mean=[0.286]",
-    "data.std=[0.353]",
-    "model.img_size=28",
-    "model.patch_size=7",
-    "model.in_chans=1",
-)
 
 
 def args(run_dir, shards, *overrides):

@@ -3,16 +3,13 @@ accelerator, gloo), real checkpoints and TensorBoard event files."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mim import checkpoint
-from tests.conftest import REPO, cli_env, free_port, run_cli, without_key_bias
+from tests.conftest import REPO, run_cli, torchrun, without_key_bias
 
 pytestmark = pytest.mark.slow
 DEBUG = "configs/pretrain/debug.yaml"
@@ -97,19 +94,14 @@ def test_bad_config_exits_nonzero_and_writes_nothing(tmp_path, fmnist_shards):
 
 
 def _data_parallel(out, nproc, zero_stage, accum=1, compile_model=False):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
+    result = torchrun(
+        nproc,
         str(REPO / "tests/helpers/data_parallel_steps.py"),
         str(out),
         str(zero_stage),
         str(accum),
         "compile" if compile_model else "eager",
-    ]
-    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(str(out))
 

@@ -5,45 +5,24 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 
 from mim import checkpoint
-from tests.conftest import run_cli
-from tests.slurm_cluster import LocalSlurm, SlurmUnavailable
+from tests.conftest import GREY, run_cli
+from tests.slurm_cluster import chain_arguments, job_log, running_cluster, wait_for_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
-GREY = (
-    "data.mean=[0.286]",
-    "data.std=[0.353]",
-    "model.img_size=28",
-    "model.patch_size=7",
-    "model.in_chans=1",
-)
 
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except (SlurmUnavailable, OSError) as error:
-        cluster.stop()
-        pytest.skip(f"no Slurm here: {error}")
-    yield cluster
-    cluster.stop()
-
-
-def submit(slurm, *args):
-    result = run_cli("submit", *args, "--cpus-per-task=1", "--time=10", SLURM_CONF=str(slurm.conf))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return re.findall(r"submitted \w+ as job (\d+)", result.stdout)
+    with running_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
 
 
 def pretrain_job(slurm, run_dir, shards, *overrides, tasks=1):
-    return submit(
-        slurm,
+    return slurm.submit(
         "pretrain",
         "--config",
         "configs/pretrain/debug.yaml",
@@ -53,36 +32,6 @@ def pretrain_job(slurm, run_dir, shards, *overrides, tasks=1):
         *GREY,
         *overrides,
     )[0]
-
-
-def job_log(run_dir, job_id):
-    return (run_dir / f"slurm-{job_id}.out").read_text()
-
-
-def wait_for_step(run_dir, job_id, step, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        path = run_dir / f"slurm-{job_id}.out"
-        steps = (
-            [int(s) for s in re.findall(r"pretrain step (\d+)/", path.read_text())] if path.exists() else []
-        )
-        if steps and max(steps) >= step:
-            return max(steps)
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} did not reach step {step}")
-
-
-def expedite_requeued(slurm, job_id, timeout=120):
-    """Slurm makes a requeued job wait about two minutes before it is eligible again; the test
-    brings its start forward once it is pending again (requeue and resume are unchanged). Not to
-    `now`: slurmd refuses a batch launch within the second its credential was revoked by the
-    requeue ("Job credential revoked"), and the job then ends FAILED; a few seconds later is safe."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if slurm.job_state(job_id) == "PENDING" and int(slurm.job_field(job_id, "Restarts") or 0) >= 1:
-            slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)
-            return
-        time.sleep(0.5)
 
 
 def test_submitted_pretraining_runs_to_the_end(slurm, tmp_path, fmnist_shards):
@@ -112,7 +61,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path, fmnist_
         slurm.run("scancel", "--signal=USR1", "--batch", job)
     else:
         slurm.run("scontrol", "requeue", job)
-    expedite_requeued(slurm, job)
+    slurm.expedite_requeued(job)
     final = slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=600)
     assert final == "COMPLETED", job_log(run, job) + slurm.log_tail()
     log = job_log(run, job)
@@ -129,22 +78,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path, fmnist_
 
 def test_chain_pretrain_export_linprobe(slurm, tmp_path, fmnist_shards):
     root = tmp_path / "chain"
-    jobs = submit(
-        slurm,
-        "chain",
-        "--config",
-        "configs/pretrain/debug.yaml",
-        "--linprobe-config",
-        "configs/linprobe/debug.yaml",
-        f"--run-root={root}",
-        f"pretrain.data.train={fmnist_shards['train']}",
-        *(f"pretrain.{o}" for o in GREY),
-        f"linprobe.data.train={fmnist_shards['train']}",
-        f"linprobe.data.val={fmnist_shards['val']}",
-        "linprobe.data.mean=[0.286]",
-        "linprobe.data.std=[0.353]",
-        "linprobe.schedule.epochs=1",
-    )
+    jobs = slurm.submit("chain", *chain_arguments(root, fmnist_shards))
     assert len(jobs) == 3
     for job in jobs:
         assert slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED")) == "COMPLETED", slurm.log_tail()
