@@ -51,12 +51,15 @@ class ModelConfig(EncoderGeometry):
 
 @dataclass
 class DataConfig:
-    train: str = ""  # a shard directory, an _info.json, or a brace pattern
+    train: str = ""  # a shard directory, an _info.json, a brace pattern; or http(s)/pipe: (see README)
     val: str = ""
     batch_size: int = 64  # per process (per GPU), per micro-step
     num_workers: int = 4
     samples_per_epoch: int | None = None  # None: the training split's sample count
     shards_per_chunk: int = 2  # shards read and shuffled together by one worker
+    shuffle_buffer: int = 1000  # samples a worker holds to shuffle them (its memory, whatever the shard size)
+    read_retries: int = 4  # further tries of a remote shard after a transient failure
+    retry_wait: float = 1.0  # seconds before the first retry; doubled for each further one
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = True
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])

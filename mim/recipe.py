@@ -18,6 +18,7 @@ from mim.config import (
     ScheduleConfig,
     require,
 )
+from mim.data.reading import ReadPolicy, ShardUnreadable
 from mim.data.shards import ShardSet, open_shards, with_lengths
 from mim.models.backbone import ARCH_KEYS, Weights, load_weights
 from mim.models.registry import model_args
@@ -106,6 +107,13 @@ def check_data(data: DataConfig, in_chans: int) -> None:
     require(
         data.shards_per_chunk >= 1, f"data.shards_per_chunk must be at least 1, got {data.shards_per_chunk}"
     )
+    require(data.shuffle_buffer >= 1, f"data.shuffle_buffer must be at least 1, got {data.shuffle_buffer}")
+    require(data.read_retries >= 0, f"data.read_retries must be 0 or more, got {data.read_retries}")
+    require(data.retry_wait >= 0, f"data.retry_wait must be 0 or more, got {data.retry_wait}")
+
+
+def read_policy(data: DataConfig) -> ReadPolicy:
+    return ReadPolicy(attempts=data.read_retries + 1, wait=data.retry_wait)
 
 
 def check_optim(optim: OptimConfig, schedule: ScheduleConfig) -> None:
@@ -180,7 +188,7 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
     require(config.run.keep_last >= 1, f"run.keep_last must be at least 1, got {config.run.keep_last}")
     require(config.log.every >= 1, f"log.every must be at least 1, got {config.log.every}")
     try:
-        shards = open_shards(config.data.train)
+        shards = open_shards(config.data.train, read_policy(config.data))
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"data.train: {error}") from None
     require(
@@ -224,10 +232,10 @@ def _classifier_arch(config: ClassifyConfig, weights: Weights | None) -> dict[st
     return arch
 
 
-def _open_split(key: str, spec: str) -> ShardSet:
+def _open_split(key: str, spec: str, read: ReadPolicy) -> ShardSet:
     try:
-        return with_lengths(open_shards(spec))
-    except (FileNotFoundError, ValueError) as error:
+        return with_lengths(open_shards(spec, read))
+    except (FileNotFoundError, ValueError, ShardUnreadable) as error:
         raise ConfigError(f"{key}: {error}") from None
 
 
@@ -282,8 +290,8 @@ def check_classify(config: ClassifyConfig, stage: str) -> ClassifyInputs:
         "augment.reprob must be in [0, 1] and augment.label_smoothing in [0, 1)",
     )
     check_run_dir(config.run.dir)
-    shards = _open_split("data.train", config.data.train)
-    val_shards = _open_split("data.val", config.data.val)
+    shards = _open_split("data.train", config.data.train, read_policy(config.data))
+    val_shards = _open_split("data.val", config.data.val, read_policy(config.data))
     num_classes = config.model.num_classes or len(shards.classes)
     require(
         num_classes > 0,

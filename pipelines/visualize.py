@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from mim import checkpoint
-from mim.data.shards import ShardSet, open_shards, with_lengths
-from mim.data.streams import EvalStream, ViewSpec
+from mim.data.shards import open_shards
+from mim.data.streams import ViewSpec, first_images
 from mim.errors import UserInputError
 from mim.export import find_checkpoint
 from mim.models import create_model
@@ -21,11 +21,8 @@ from mim.visualize import reconstruction_grid, save_png
 from pipelines.common import reports_user_errors
 
 
-def first_images(shards: str, spec: ViewSpec, count: int) -> torch.Tensor:
-    first = with_lengths(ShardSet(open_shards(shards).urls[:1], None, []))
-    images = [
-        image for _, (image, _, _) in zip(range(count), EvalStream(first, spec, 0, 1, 1.0), strict=False)
-    ]
+def images_to_show(shards: str, spec: ViewSpec, count: int) -> torch.Tensor:
+    images = first_images(open_shards(shards), spec, count, max_shards=1)
     if not images:
         raise UserInputError(f"{shards} holds no readable images")
     return torch.stack(images)
@@ -56,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     model = create_model(meta["model"]["name"], **arch)
     model.load_state_dict(checkpoint.load_weights(source))
     spec = ViewSpec(arch["img_size"], "L" if arch["in_chans"] == 1 else "RGB")
-    images = first_images(args.data or meta["config"]["data"]["train"], spec, args.num_images)
+    images = images_to_show(args.data or meta["config"]["data"]["train"], spec, args.num_images)
     mask_ratio = args.mask_ratio or meta["config"]["model"]["mask_ratio"]
     picture = reconstruction_grid(model, images, meta["mean"], meta["std"], mask_ratio, args.seed)
     save_png(picture, args.out, scale=args.scale)

@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import tarfile
+import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 
+from mim.data.reading import DEFAULT_READ, ReadPolicy, ShardUnreadable, is_remote, read_bytes, stream_samples
 from mim.data.sources import Record, Source
 from mim.errors import UserInputError
 
@@ -30,9 +32,10 @@ INFO_FILE = "_info.json"
 
 @dataclass(frozen=True)
 class ShardSet:
-    urls: list[str]
+    urls: list[str]  # local paths, http(s) URLs or `pipe:` commands
     lengths: list[int] | None  # samples per shard, when known
     classes: list[str]
+    read: ReadPolicy = DEFAULT_READ  # retries for remote shards
 
     @property
     def num_samples(self) -> int | None:
@@ -191,22 +194,26 @@ def write_info(
 # ----------------------------------------------------------------------------- finding
 
 
-def open_shards(spec: str) -> ShardSet:
-    """A shard directory (with _info.json, or any *.tar), an _info.json file, or a brace pattern."""
+def open_shards(spec: str, read: ReadPolicy = DEFAULT_READ) -> ShardSet:
+    """A shard directory (with _info.json, or any *.tar), an _info.json file, or a brace pattern;
+    remote: an http(s) URL of an _info.json (or of the directory holding it, ending in /), or a
+    brace pattern of http(s) URLs or `pipe:` commands."""
     if not spec:
         raise UserInputError(
             "no shards given (set data.train / data.val to a shard directory, _info.json or pattern)"
         )
+    if is_remote(spec):
+        return _open_remote(spec, read)
     path = Path(spec)
     if path.is_dir():
         if (path / INFO_FILE).is_file():
-            return _from_info(path / INFO_FILE)
+            return _from_info(path / INFO_FILE, read)
         urls = sorted(str(p) for p in path.glob("*.tar"))
         if not urls:
             raise FileNotFoundError(f"shard directory {path} holds no {INFO_FILE} and no .tar files")
-        return ShardSet(urls, None, [])
+        return ShardSet(urls, None, [], read)
     if path.is_file() and path.suffix == ".json":
-        return _from_info(path)
+        return _from_info(path, read)
     urls = list(braceexpand.braceexpand(spec))
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
@@ -214,54 +221,57 @@ def open_shards(spec: str) -> ShardSet:
             f"shard pattern {spec!r} names {len(missing)} missing file(s), e.g. {missing[0]!r}"
             " (expected a shard directory, an _info.json, or a brace pattern of existing .tar files)"
         )
-    return ShardSet(urls, None, [])
+    return ShardSet(urls, None, [], read)
 
 
-def _from_info(info_path: Path) -> ShardSet:
-    try:
-        info = json.loads(info_path.read_text())
-        shards = info["shards"]
-        urls = [str(info_path.parent / shard["name"]) for shard in shards]
-        lengths = [int(shard["num_samples"]) for shard in shards]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UserInputError(f"{info_path} is not a mim shard index ({error!r})") from None
-    missing = [u for u in urls if not Path(u).is_file()]
+def _open_remote(spec: str, read: ReadPolicy) -> ShardSet:
+    if spec.startswith(("http://", "https://")) and (spec.endswith("/") or spec.endswith(".json")):
+        info_url = spec + INFO_FILE if spec.endswith("/") else spec
+        try:
+            text = read_bytes(info_url, read)
+        except ShardUnreadable as error:
+            raise UserInputError(f"cannot read the shard index {error}") from None
+        return _parse_info(text, info_url, lambda name: urllib.parse.urljoin(info_url, name), read)
+    urls = list(braceexpand.braceexpand(spec))
+    return ShardSet(urls, None, [], read)
+
+
+def _from_info(info_path: Path, read: ReadPolicy = DEFAULT_READ) -> ShardSet:
+    shards = _parse_info(
+        info_path.read_bytes(), str(info_path), lambda name: str(info_path.parent / name), read
+    )
+    missing = [u for u in shards.urls if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{info_path} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}"
         )
-    return ShardSet(urls, lengths, list(info.get("classes", [])))
+    return shards
 
 
-def count_samples(url: str) -> int:
-    """Samples in one shard, counted from the tar index (no decoding)."""
-    with tarfile.open(url) as archive:
-        return len({member.name.split(".", 1)[0] for member in archive.getmembers() if member.isfile()})
+def _parse_info(text: bytes, where: str, locate: Callable[[str], str], read: ReadPolicy) -> ShardSet:
+    try:
+        info = json.loads(text)
+        shards = info["shards"]
+        urls = [locate(shard["name"]) for shard in shards]
+        lengths = [int(shard["num_samples"]) for shard in shards]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise UserInputError(f"{where} is not a mim shard index ({error!r})") from None
+    return ShardSet(urls, lengths, list(info.get("classes", [])), read)
+
+
+def count_samples(url: str, read: ReadPolicy = DEFAULT_READ) -> int:
+    """Samples in one shard: from the tar index for a local file (no decoding), else by streaming it."""
+    if not is_remote(url):
+        with tarfile.open(url) as archive:
+            return len({m.name.split(".", 1)[0] for m in archive.getmembers() if m.isfile()})
+    return sum(1 for _ in stream_samples(url, read))
 
 
 def with_lengths(shards: ShardSet) -> ShardSet:
     if shards.lengths is not None:
         return shards
-    return ShardSet(shards.urls, [count_samples(u) for u in shards.urls], shards.classes)
-
-
-def read_shard_samples(url: str, on_error: Callable[[Exception], bool]) -> wds.DataPipeline:
-    """The samples of one shard, as webdataset groups them: dicts of `__key__` and extension -> bytes."""
-    return wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=on_error))
-
-
-def tar_is_complete(url: str) -> bool:
-    """False for a local tar file cut short: a whole tar is whole 512-byte blocks ending in two
-    zero blocks. Non-local URLs are taken as complete."""
-    path = Path(url)
-    if not path.is_file():
-        return True
-    size = path.stat().st_size
-    if size % 512 or size < 1024:
-        return False
-    with open(path, "rb") as handle:
-        handle.seek(size - 1024)
-        return handle.read(1024) == bytes(1024)
+    lengths = [count_samples(u, shards.read) for u in shards.urls]
+    return ShardSet(shards.urls, lengths, shards.classes, shards.read)
 
 
 def encoded_image(sample: dict) -> tuple[str, bytes] | None:

@@ -14,21 +14,24 @@ contiguous ranges of the global sample index, split by rank, then by worker.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import logging
-import os
 import random
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mim.data.shards import ShardSet, encoded_image, read_shard_samples, tar_is_complete
+from mim.data.reading import ReadPolicy, ShardUnreadable, basename, stream_samples
+from mim.data.shards import ShardSet, encoded_image
 from mim.data.transforms import BadSample, eval_view, train_view
+from mim.errors import TrainingStopped
 
 log = logging.getLogger(__name__)
+MAX_EMPTY_CHUNKS = 10
 
 
 def derived_seed(*parts: int) -> int:
@@ -69,31 +72,30 @@ def _label(sample: dict, needs_label: bool) -> int:
 
 
 class _SampleReader:
-    """Reads the samples of one shard at a time. Unreadable tar members, bad samples and empty
-    shards are counted per shard (by file name) and logged, never raised."""
+    """Streams the samples of one shard at a time (local, http(s) or `pipe:`, retried where that
+    can help). Bad samples, shards that cannot be read to their end and empty shards are counted
+    per shard (by file name) and logged, never raised."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: ReadPolicy) -> None:
+        self.policy = policy
         self.bad: collections.Counter[str] = collections.Counter()
         self.reported: collections.Counter[str] = collections.Counter()
-        self.url = ""
 
-    def _on_error(self, error: Exception) -> bool:
-        self.count_bad(self.url, f"unreadable data: {error}")
-        return True
+    def count_bad(self, url: str, why: object, what: str = "bad sample in") -> None:
+        self.bad[basename(url)] += 1
+        log.warning("skipping %s %s: %s", what, url, why)
 
-    def count_bad(self, url: str, why: object) -> None:
-        self.bad[os.path.basename(url)] += 1
-        log.warning("skipping bad sample in %s: %s", url, why)
-
-    def samples(self, url: str) -> list[dict]:
-        self.url = url
-        found = list(read_shard_samples(url, self._on_error))
-        if not found:
+    def samples(self, url: str) -> Iterator[dict]:
+        delivered = 0
+        try:
+            for sample in stream_samples(url, self.policy):
+                delivered += 1
+                yield sample
+        except ShardUnreadable as error:  # what came before the failure is kept
+            self.count_bad(url, str(error).removeprefix(f"{url}: "), what="the rest of shard")
+            return
+        if not delivered:
             self.count_bad(url, "the shard holds no samples")
-        elif not tar_is_complete(url):
-            # tarfile's stream reader ends quietly at a cut; what it returned is kept, the cut counted
-            self.count_bad(url, "the tar file is truncated (no end-of-archive blocks)")
-        return found
 
     def new_bad(self) -> dict[str, int]:
         """Bad samples per shard since the last call."""
@@ -121,9 +123,11 @@ class TrainStream(IterableDataset):
         shards_per_chunk: int = 2,
         start_positions: dict[int, tuple[int, int]] | None = None,
         first_worker: int = 0,
+        shuffle_buffer: int = 1000,
     ) -> None:
         self.shards, self.spec, self.batch_size = shards, spec, batch_size
         self.seed, self.rank, self.shards_per_chunk = seed, rank, shards_per_chunk
+        self.shuffle_buffer = shuffle_buffer
         self.start_positions = start_positions or {}
         # The DataLoader takes batches from its workers in turn, starting with worker 0; a resumed
         # stream lets worker 0 play the logical worker whose batch was due next.
@@ -137,15 +141,18 @@ class TrainStream(IterableDataset):
         worker, num_workers = _worker()
         worker = (worker + self.first_worker) % num_workers
         chunk, offset = self.start_positions.get(worker, (0, 0))
-        reader = _SampleReader()
+        reader = _SampleReader(self.shards.read)
         extra = _randaug(self.spec) if self.spec.randaug else None
         images, labels = [], []
+        empty_chunks = 0
         while True:
             rng, urls = self._chunk(worker, chunk)
-            samples = [s for url in urls for s in reader.samples(url)]
-            order = list(range(len(samples)))
-            rng.shuffle(order)
-            for position in range(offset, len(order)):
+            samples = (sample for url in urls for sample in reader.samples(url))
+            read_any = False
+            for position, sample in enumerate(shuffled(samples, rng, self.shuffle_buffer)):
+                read_any = True
+                if position < offset:  # resuming: the chunk is read again up to where it stopped
+                    continue
                 view_rng = random.Random(derived_seed(self.seed, self.rank, worker, chunk, position))
                 view = lambda payload, r=view_rng: train_view(  # noqa: E731
                     payload,
@@ -158,9 +165,9 @@ class TrainStream(IterableDataset):
                     self.spec.reduced_decode,
                 )
                 try:
-                    image, label = _decode_sample(samples[order[position]], self.spec, view)
+                    image, label = _decode_sample(sample, self.spec, view)
                 except BadSample as error:
-                    reader.count_bad(samples[order[position]].get("__url__", "?"), error)
+                    reader.count_bad(sample.get("__url__", "?"), error)
                     continue
                 images.append(image)
                 labels.append(label)
@@ -173,7 +180,29 @@ class TrainStream(IterableDataset):
                         "bad": reader.new_bad(),  # shard file name -> bad samples since the last batch
                     }
                     images, labels = [], []
+            empty_chunks = 0 if read_any else empty_chunks + 1
+            if empty_chunks == MAX_EMPTY_CHUNKS:  # without this the loader would wait forever
+                worst = ", ".join(name for name, _ in reader.bad.most_common(3))
+                raise TrainingStopped(
+                    f"no readable sample in {MAX_EMPTY_CHUNKS} chunks of shards in a row (failing: "
+                    f"{worst}); are the shards reachable and are they tar files?"
+                )
             chunk, offset = chunk + 1, 0
+
+
+def shuffled(samples: Iterable[dict], rng: random.Random, size: int) -> Iterator[dict]:
+    """`samples` in a random order drawn from `rng`, holding at most `size` of them at a time:
+    once the buffer is full, each new sample takes the place of a random one, which comes out."""
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        slot = rng.randrange(size)
+        yield buffer[slot]
+        buffer[slot] = sample
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 def _randaug(spec: ViewSpec) -> Callable:
@@ -215,7 +244,7 @@ class EvalStream(IterableDataset):
         worker_start, worker_stop = [
             (start + a, start + b) for a, b in index_ranges(stop - start, num_workers)
         ][worker]
-        reader = _SampleReader()
+        reader = _SampleReader(self.shards.read)
         shard_start = 0
         for url, length in zip(self.shards.urls, self.shards.lengths, strict=True):
             shard_stop = shard_start + length
@@ -236,6 +265,22 @@ class EvalStream(IterableDataset):
                     log.warning("evaluation: bad sample %s in %s: %s", index, url, error)
                     continue
                 yield image, label, index
+
+
+def first_images(shards: ShardSet, spec: ViewSpec, count: int, max_shards: int = 8) -> list[torch.Tensor]:
+    """The first `count` readable images of the first shards (whole images, eval view), read only
+    as far as needed: a fixed set to show, wherever the shards live."""
+    reader, images = _SampleReader(shards.read), []
+    view = lambda payload: eval_view(payload, spec.mode, spec.img_size, 1.0, spec.reduced_decode)  # noqa: E731
+    for url in shards.urls[:max_shards]:
+        for sample in reader.samples(url):
+            try:
+                images.append(_decode_sample(sample, dataclasses.replace(spec, needs_label=False), view)[0])
+            except BadSample:
+                continue
+            if len(images) == count:
+                return images
+    return images
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

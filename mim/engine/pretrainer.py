@@ -10,8 +10,8 @@ import torch
 
 from mim import checkpoint
 from mim.config import ConfigError, PretrainConfig
-from mim.data.shards import ShardSet, with_lengths
-from mim.data.streams import EvalStream, ViewSpec, derived_seed
+from mim.data.shards import ShardSet
+from mim.data.streams import ViewSpec, derived_seed, first_images
 from mim.distributed import DistEnv
 from mim.engine.optim import param_groups
 from mim.engine.trainer import Outcome, Trainer
@@ -154,13 +154,7 @@ class Pretrainer(Trainer):
     def fixed_images(self, count: int = 8) -> torch.Tensor | None:
         """The first readable images of the first shards, centre-cropped: the same grid all run
         long (None when the first shards hold no readable image)."""
-        images: list[torch.Tensor] = []
-        for url in self.shards.urls[:8]:
-            shard = with_lengths(ShardSet([url], None, []))
-            for image, _, _ in EvalStream(shard, self.view_spec, rank=0, world_size=1, crop_fraction=1.0):
-                images.append(image)
-                if len(images) == count:
-                    return torch.stack(images)
+        images = first_images(self.shards, self.view_spec, count)
         if not images:
             log.warning("no readable image in the first shards: no reconstruction grids in TensorBoard")
             return None

@@ -207,6 +207,7 @@ class Trainer:
             self.config.data.shards_per_chunk,
             dict(self.positions),
             self.next_worker,
+            self.config.data.shuffle_buffer,
         )
         return iter(train_loader(stream, self.config.data.num_workers))
 

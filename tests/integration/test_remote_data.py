@@ -1,0 +1,111 @@
+"""`mim pretrain` and `mim linprobe` on shards behind a real HTTP server (started by the test on
+127.0.0.1) and through `pipe:` commands: the same weights and metrics as from local disk, transient
+failures absorbed, a missing shard counted as bad with its URL named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mim import checkpoint
+from tests.conftest import GREY, run_cli
+from tests.http_server import FlakyServer
+
+pytestmark = pytest.mark.slow
+FAST_RETRIES = ("data.read_retries=3", "data.retry_wait=0.05")
+
+
+@pytest.fixture()
+def server(fmnist_shards):
+    with FlakyServer(fmnist_shards["train"].parent) as running:
+        yield running
+
+
+def pretrain(run_dir, train, *overrides):
+    return run_cli(
+        "pretrain",
+        "--config",
+        "configs/pretrain/debug.yaml",
+        f"data.train={train}",
+        f"run.dir={run_dir}",
+        "data.num_workers=2",
+        *GREY,
+        *FAST_RETRIES,
+        *overrides,
+    )
+
+
+def weights(run_dir):
+    return checkpoint.load_weights(checkpoint.latest_checkpoint(run_dir))
+
+
+def test_pretraining_from_http_and_pipe_equals_pretraining_from_disk(tmp_path, server, fmnist_shards):
+    for number in range(8):  # every shard: a 503, then a response cut halfway, then served
+        server.unavailable[f"train/train-{number:06d}.tar"] = 1
+        server.cut[f"train/train-{number:06d}.tar"] = 2
+    local = pretrain(tmp_path / "local", fmnist_shards["train"])
+    assert local.returncode == 0, local.stderr[-3000:]
+    over_http = pretrain(tmp_path / "http", f"{server.url}/train/_info.json")
+    assert over_http.returncode == 0, over_http.stderr[-3000:]
+    piped = pretrain(
+        tmp_path / "pipe",
+        f"pipe:curl -sf {server.url}/train/train-{{000000..000007}}.tar",
+        "data.samples_per_epoch=64",
+    )
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    expected = weights(tmp_path / "local")
+    for run in ("http", "pipe"):
+        got = weights(tmp_path / run)
+        assert all(torch.equal(expected[k], got[k]) for k in expected), run
+    assert "(HTTP 503 Service Unavailable) after 0 sample(s); try 2 of 4" in over_http.stderr
+    assert "(the tar file is truncated) after" in over_http.stderr  # the cut response
+    assert "skipping bad sample" not in over_http.stderr
+
+
+def test_a_missing_remote_shard_is_counted_as_bad_with_its_url(tmp_path, server, fmnist_shards):
+    (fmnist_shards["train"].parent / "train" / "train-000003.tar").rename(tmp_path / "away.tar")
+    try:
+        two = (f"{server.url}/train/train-{{000002..000003}}.tar", "data.samples_per_epoch=64")
+        result = pretrain(tmp_path / "run", *two, "data.max_bad_fraction=0.5")
+        strict = pretrain(tmp_path / "strict", *two, "data.max_bad_fraction=0.001")
+    finally:
+        (tmp_path / "away.tar").rename(fmnist_shards["train"] / "train-000003.tar")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipping the rest of shard {server.url}/train/train-000003.tar: HTTP 404" in result.stderr
+    assert server.requests["train/train-000003.tar"] >= 1
+    assert strict.returncode == 3 and "train-000003.tar" in strict.stderr
+
+
+def test_linear_probe_on_remote_splits_equals_local(tmp_path, server, fmnist_shards):
+    common = (
+        "data.mean=[0.286]",
+        "data.std=[0.353]",
+        "schedule.epochs=1",
+        "model.name=mae_vit_debug",
+        "model.img_size=28",
+        "model.patch_size=7",
+        "model.in_chans=1",
+        "init.from=none",
+        *FAST_RETRIES,
+    )
+    runs = {
+        "local": (fmnist_shards["train"], fmnist_shards["val"]),
+        "http": (f"{server.url}/train/_info.json", f"{server.url}/val/"),
+    }
+    metrics = {}
+    for name, (train, val) in runs.items():
+        result = run_cli(
+            "linprobe",
+            "--config",
+            "configs/linprobe/debug.yaml",
+            f"data.train={train}",
+            f"data.val={val}",
+            f"run.dir={tmp_path / name}",
+            *common,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())["final"]
+    assert metrics["http"]["num_samples"] == 250  # every val sample exactly once
+    assert metrics["http"] == metrics["local"]
