@@ -8,20 +8,30 @@ from real photographs: scikit-image's sample photos (`pip install -e .[bench]`) 
 
 Rows: train and eval views in one process with one thread (what one DataLoader worker does), the
 ratio to the official pipeline, the same on shards written with `mim shards --max-size 256`, and
+the same shards read from a loopback HTTP server (Python's http.server, a separate process); then
 end to end: N DataLoader workers feeding a consumer that normalises the batches as a training
-process does (images/s over the whole loader).
+process does, timed at steady state (after the first 2 x N batches; the time to those first
+batches, worker start-up included, is a table of its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import io
 import os
 import random
+import socket
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -55,6 +65,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=1000, help="JPEGs to build")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="end-to-end loader workers")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are shown")
     parser.add_argument("--max-size", type=int, default=256, help="the pre-downscaled shards' shorter side")
     parser.add_argument("--work-dir", type=Path, help="where to build the data (default: a temp dir)")
     return parser.parse_args()
@@ -133,20 +144,34 @@ def official_per_worker(folder: Path, train: bool, count: int) -> float:
     return rate((dataset[i][0] for i in order), count)
 
 
-def mim_train_stream(shards: Path, batch: int, rank: int = 0) -> TrainStream:
+def mim_train_stream(shards: str, batch: int, rank: int = 0) -> TrainStream:
     spec = ViewSpec(224, "RGB", crop_scale=(0.2, 1.0), hflip=True)
-    return TrainStream(open_shards(str(shards)), spec, batch, seed=0, rank=rank, shards_per_chunk=2)
+    return TrainStream(open_shards(shards), spec, batch, seed=0, rank=rank, shards_per_chunk=2)
 
 
-def mim_per_worker(shards: Path, train: bool, count: int) -> float:
+def mim_per_worker(shards: str, train: bool, count: int) -> float:
     if train:
         stream = mim_train_stream(shards, 16)
         return rate((batch["images"] for batch in stream), count)
-    stream = EvalStream(open_shards(str(shards)), ViewSpec(224, "RGB"), 0, 1, crop_fraction=224 / 256)
+    stream = EvalStream(open_shards(shards), ViewSpec(224, "RGB"), 0, 1, crop_fraction=224 / 256)
     return rate((image for image, _, _ in stream), count)
 
 
-def end_to_end_official(folder: Path, workers: int, batch: int, count: int) -> float:
+def steady_state(batches: Iterator[torch.Tensor], warm: int, count: int) -> tuple[float, float]:
+    """(seconds to the first `warm` batches, images/s over the next `count` images)."""
+    started = time.perf_counter()
+    for _ in range(warm):
+        next(batches)
+    warmed = time.perf_counter()
+    seen = 0
+    for images in batches:
+        seen += len(images)
+        if seen >= count:
+            break
+    return warmed - started, seen / (time.perf_counter() - warmed)
+
+
+def end_to_end_official(folder: Path, workers: int, batch: int, count: int) -> tuple[float, float]:
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
@@ -160,17 +185,63 @@ def end_to_end_official(folder: Path, workers: int, batch: int, count: int) -> f
         persistent_workers=False,
         prefetch_factor=4,
     )
-    return rate((images for images, _ in _forever(loader)), count)
+    return steady_state((images for images, _ in _forever(loader)), 2 * workers, count)
 
 
-def end_to_end_mim(shards: Path, workers: int, batch: int, count: int) -> float:
+def end_to_end_mim(shards: str, workers: int, batch: int, count: int) -> tuple[float, float]:
     loader = train_loader(mim_train_stream(shards, batch), workers)
     batches = (normalize_on_device(b["images"], MEAN, STD) for b in loader)
-    return rate(batches, count)
+    return steady_state(batches, 2 * workers, count)
 
 
-def median_of_3(measure, *arguments) -> float:
-    return sorted(measure(*arguments) for _ in range(3))[1]
+@contextlib.contextmanager
+def http_server(root: Path) -> Iterator[str]:
+    """`python -m http.server` on 127.0.0.1 serving `root`, in its own process."""
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "http.server",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        str(root),
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def interleaved(measures: dict[str, Callable[[], Any]], rounds: int) -> dict[str, Any]:
+    """Each measure `rounds` times, in turns (so that the machine's drift hits all alike); the
+    median of each (of each component, for tuples)."""
+    results: dict[str, list] = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            results[name].append(measure())
+    return {
+        name: tuple(map(statistics.median, zip(*values, strict=True)))
+        if isinstance(values[0], tuple)
+        else statistics.median(values)
+        for name, values in results.items()
+    }
 
 
 def _forever(loader):
@@ -194,28 +265,65 @@ def main() -> int:
     mean_bytes = sum(p.stat().st_size for p in folder.rglob("*.jpg")) / args.count
     print(f"data: {args.count} JPEGs, e.g. {sizes[0]}, mean {mean_bytes / 1024:.0f} KiB; shards in {work}")
     count = min(args.count, 1000)
-    rows = []
-    for view, train in (
-        ("train (RandomResizedCrop 224, flip)", True),
-        ("eval (resize 256, centre 224)", False),
-    ):
-        official = median_of_3(official_per_worker, folder, train, count)
-        ours = median_of_3(mim_per_worker, shards, train, count)
-        ours_small = median_of_3(mim_per_worker, small, train, count)
-        rows.append((f"{view}, 1 worker, median of 3", official, ours, ours_small))
-    for workers in args.workers:
-        total = min(args.count * 2, 40 * args.batch)
-        official = end_to_end_official(folder, workers, args.batch, total)
-        ours = end_to_end_mim(shards, workers, args.batch, total)
-        ours_small = end_to_end_mim(small, workers, args.batch, total)
-        rows.append((f"end to end, {workers} worker(s), batch {args.batch}", official, ours, ours_small))
-    print(f"\nimages/s on {os.cpu_count()} CPUs (torch {torch.__version__})")
-    header = ("", "official MAE", "mim", "ratio", f"mim, --max-size {args.max_size}", "ratio")
+    with http_server(work) as url:
+        sources = {"local": str(shards), "small": str(small), "http": f"{url}/shards/_info.json"}
+        rows, startup = [], []
+        for view, train in (
+            ("train (RandomResizedCrop 224, flip)", True),
+            ("eval (resize 256, centre 224)", False),
+        ):
+            measures = {"official": functools.partial(official_per_worker, folder, train, count)}
+            measures |= {
+                name: functools.partial(mim_per_worker, spec, train, count) for name, spec in sources.items()
+            }
+            rates = interleaved(measures, args.rounds)
+            rows.append((f"{view}, 1 worker", rates.pop("official"), rates))
+        for workers in args.workers:
+            total = min(args.count * 2, 40 * args.batch)
+            measures = {
+                "official": functools.partial(end_to_end_official, folder, workers, args.batch, total)
+            }
+            measures |= {
+                name: functools.partial(end_to_end_mim, spec, workers, args.batch, total)
+                for name, spec in sources.items()
+            }
+            timed = interleaved(measures, args.rounds)
+            official_start, official = timed.pop("official")
+            rows.append(
+                (
+                    f"end to end, {workers} worker(s), batch {args.batch}, steady state",
+                    official,
+                    {name: rate for name, (_, rate) in timed.items()},
+                )
+            )
+            startup.append((workers, official_start, {name: start for name, (start, _) in timed.items()}))
+    print(
+        f"\nimages/s on {os.cpu_count()} CPUs (torch {torch.__version__}), medians of {args.rounds} interleaved rounds"
+    )
+    header = (
+        "",
+        "official MAE",
+        "mim",
+        "ratio",
+        f"mim, --max-size {args.max_size}",
+        "ratio",
+        "mim over HTTP",
+        "HTTP / local",
+    )
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for name, official, ours, ours_small in rows:
+    for name, official, ours in rows:
+        local, small_rate, remote = ours["local"], ours["small"], ours["http"]
         print(
-            f"| {name} | {official:.0f} | {ours:.0f} | {ours / official:.2f}x | {ours_small:.0f} | "
-            f"{ours_small / official:.2f}x |"
+            f"| {name} | {official:.0f} | {local:.0f} | {local / official:.2f}x | {small_rate:.0f} | "
+            f"{small_rate / official:.2f}x | {remote:.0f} | {remote / local:.2f} |"
+        )
+    print(
+        f"\nseconds to the first 2 x N batches of {args.batch} (worker start-up, first shards, first decodes)"
+    )
+    print("| workers | official MAE | mim | mim, --max-size | mim over HTTP |\n|---|---|---|---|---|")
+    for workers, official_start, ours in startup:
+        print(
+            f"| {workers} | {official_start:.2f} | {ours['local']:.2f} | {ours['small']:.2f} | {ours['http']:.2f} |"
         )
     return 0
 
