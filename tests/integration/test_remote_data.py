@@ -62,6 +62,11 @@ def test_pretraining_from_http_and_pipe_equals_pretraining_from_disk(tmp_path, s
     assert "(HTTP 503 Service Unavailable) after 0 sample(s); try 2 of 4" in over_http.stderr
     assert "(the tar file is truncated) after" in over_http.stderr  # the cut response
     assert "skipping bad sample" not in over_http.stderr
+    picture = tmp_path / "recon.png"
+    shown = run_cli(
+        "visualize", str(tmp_path / "http"), "--data", f"{server.url}/train/", "--out", str(picture)
+    )
+    assert shown.returncode == 0 and picture.stat().st_size > 0, shown.stderr[-3000:]
 
 
 def test_a_missing_remote_shard_is_counted_as_bad_with_its_url(tmp_path, server, fmnist_shards):
