@@ -10,7 +10,7 @@ VENV=${MIM_VENV:-.venv}
 TORCH_SPEC=${MIM_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 APT_PACKAGES=(dataset-fashion-mnist)
 if [[ "${1:-}" == "--with-slurm" ]]; then
-  APT_PACKAGES+=(slurm-wlm munge)
+  APT_PACKAGES+=(slurm-wlm munge curl)  # the tests: a real Slurm; curl for `pipe:curl` shards
 fi
 
 log() { echo "[bootstrap] $*"; }

@@ -64,7 +64,8 @@ class _TailCounting:
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
         self.size += len(data)
-        self.tail = (self.tail + data)[-2 * TAR_BLOCK :]
+        keep = 2 * TAR_BLOCK  # copies at most this much per read, whatever the read's size
+        self.tail = data[-keep:] if len(data) >= keep else (self.tail + data)[-keep:]
         return data
 
     def drain(self) -> None:

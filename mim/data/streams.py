@@ -271,11 +271,12 @@ def first_images(shards: ShardSet, spec: ViewSpec, count: int, max_shards: int =
     """The first `count` readable images of the first shards (whole images, eval view), read only
     as far as needed: a fixed set to show, wherever the shards live."""
     reader, images = _SampleReader(shards.read), []
+    unlabelled = dataclasses.replace(spec, needs_label=False)
     view = lambda payload: eval_view(payload, spec.mode, spec.img_size, 1.0, spec.reduced_decode)  # noqa: E731
     for url in shards.urls[:max_shards]:
         for sample in reader.samples(url):
             try:
-                images.append(_decode_sample(sample, dataclasses.replace(spec, needs_label=False), view)[0])
+                images.append(_decode_sample(sample, unlabelled, view)[0])
             except BadSample:
                 continue
             if len(images) == count:

@@ -221,6 +221,12 @@ def test_resuming_with_another_architecture_is_refused(tmp_path, fmnist_shards):
         (("model.img_size=30",), "not a multiple of model.patch_size"),
         (("data.train=/nonexistent/train-{000000..000009}.tar",), "missing file"),
         (("init.from=/etc/hostname",), "not a weights file that loads safely"),
+        (("data.shuffle_buffer=0",), "data.shuffle_buffer must be at least 1"),
+        (("data.read_retries=-1",), "data.read_retries must be 0 or more"),
+        (
+            ("data.train=http://127.0.0.1:9/shards/_info.json", "data.read_retries=0"),
+            "cannot read the shard index",
+        ),
     ],
 )
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path, fmnist_shards, overrides, message):
