@@ -7,19 +7,21 @@ samples, all from an RNG seeded by (seed, rank, worker, k). Its position is ther
 position of the last batch it consumed from each worker and which worker is due next, and a
 resumed stream continues exactly there.
 
-Evaluation (`EvalStream`): every sample of the split exactly once across all ranks and workers:
-contiguous ranges of the global sample index, split by rank, then by worker.
+Evaluation (`EvalStream`): every sample of the split (or of a subset of it) exactly once
+across all ranks and workers: contiguous ranges of the global sample indices, split by rank, then
+by worker.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import hashlib
 import logging
 import random
 import signal
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -225,46 +227,81 @@ def index_ranges(total: int, parts: int) -> list[tuple[int, int]]:
 
 
 class EvalStream(IterableDataset):
-    """Yields (image, label, global index) for every sample of this rank's range exactly once."""
+    """Yields (image, label, global index) for every sample of this rank's share exactly once. The
+    share is a contiguous part of the split's indices, or of `subset` (sorted global indices) when
+    given: ranks split it, then workers split each rank's part."""
 
     def __init__(
-        self, shards: ShardSet, spec: ViewSpec, rank: int, world_size: int, crop_fraction: float
+        self,
+        shards: ShardSet,
+        spec: ViewSpec,
+        rank: int,
+        world_size: int,
+        crop_fraction: float,
+        subset: Sequence[int] | None = None,
     ) -> None:
         if shards.lengths is None:
             raise ValueError("evaluation needs per-shard sample counts (an _info.json, or count them first)")
         self.shards, self.spec, self.crop_fraction = shards, spec, crop_fraction
-        self.range = index_ranges(shards.num_samples, world_size)[rank]
+        indices = range(shards.num_samples) if subset is None else tuple(subset)
+        start, stop = index_ranges(len(indices), world_size)[rank]
+        self.indices = indices[start:stop]  # a range stays a range: membership tests are O(1)
 
     def __len__(self) -> int:
-        return self.range[1] - self.range[0]
+        return len(self.indices)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
         worker, num_workers = _worker()
-        start, stop = self.range
-        worker_start, worker_stop = [
-            (start + a, start + b) for a, b in index_ranges(stop - start, num_workers)
-        ][worker]
+        start, stop = index_ranges(len(self.indices), num_workers)[worker]
+        wanted = self.indices[start:stop]
+        if not wanted:
+            return
+        members = wanted if isinstance(wanted, range) else frozenset(wanted)
         reader = _SampleReader(self.shards.read)
         shard_start = 0
         for url, length in zip(self.shards.urls, self.shards.lengths, strict=True):
             shard_stop = shard_start + length
-            if shard_stop > worker_start and shard_start < worker_stop:
-                yield from self._read_range(url, shard_start, worker_start, worker_stop, reader)
+            # wanted[first:stop] are this shard's wanted indices (bisect works on a range too)
+            first, stop = bisect.bisect_left(wanted, shard_start), bisect.bisect_left(wanted, shard_stop)
+            if stop > first:
+                yield from self._read_range(url, shard_start, members, wanted[stop - 1], reader)
             shard_start = shard_stop
 
-    def _read_range(self, url: str, first_index: int, start: int, stop: int, reader: _SampleReader):
+    def _read_range(
+        self, url: str, first_index: int, members: Container[int], last: int, reader: _SampleReader
+    ):
         view = lambda payload: eval_view(  # noqa: E731
             payload, self.spec.mode, self.spec.img_size, self.crop_fraction, self.spec.reduced_decode
         )
         for offset, sample in enumerate(reader.samples(url)):
             index = first_index + offset
-            if start <= index < stop:
+            if index > last:  # the rest of the shard is not wanted: stop reading it
+                break
+            if index in members:
                 try:
                     image, label = _decode_sample(sample, self.spec, view)
                 except BadSample as error:
                     log.warning("evaluation: bad sample %s in %s: %s", index, url, error)
                     continue
                 yield image, label, index
+
+
+def spread_subset(lengths: list[int], count: int | None) -> tuple[int, ...] | None:
+    """`count` sample indices spread over every shard in proportion to its size: the first samples
+    of each, so reading them costs what they hold, not the whole split (`mim shards` mixes the
+    classes within each shard). None (the whole split) when `count` is None or not smaller."""
+    total = sum(lengths)
+    if count is None or count >= total:
+        return None
+    exact = [count * length / total for length in lengths]
+    quotas = [int(share) for share in exact]
+    by_remainder = sorted(range(len(lengths)), key=lambda i: (quotas[i] - exact[i], i))
+    for shard in by_remainder[: count - sum(quotas)]:
+        quotas[shard] += 1
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    return tuple(
+        start + offset for start, quota in zip(starts, quotas, strict=True) for offset in range(quota)
+    )
 
 
 def first_images(shards: ShardSet, spec: ViewSpec, count: int, max_shards: int = 8) -> list[torch.Tensor]:
@@ -303,11 +340,16 @@ def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
     )
 
 
-def eval_loader(stream: EvalStream, batch_size: int, num_workers: int) -> DataLoader:
+def eval_loader(
+    stream: EvalStream, batch_size: int, num_workers: int, generator: torch.Generator | None = None
+) -> DataLoader:
+    """`generator`: where the loader draws its workers' base seed; a private one leaves the global
+    RNG (and so a training run around the evaluation) untouched."""
     return DataLoader(
         stream,
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=_ignore_stop_signals,
+        generator=generator,
     )

@@ -16,7 +16,7 @@ from PIL import Image
 
 from mim.data.shards import open_shards, with_lengths, write_shards
 from mim.data.sources import csv_table, image_folder
-from mim.data.streams import EvalStream, TrainStream, ViewSpec, eval_loader, train_loader
+from mim.data.streams import EvalStream, TrainStream, ViewSpec, eval_loader, spread_subset, train_loader
 from mim.data.transforms import random_resized_crop_box
 from tests.conftest import fashion_mnist_subset, jpeg_source, run_cli
 
@@ -213,6 +213,32 @@ def test_eval_reads_every_sample_exactly_once(fmnist_shards, world_size, num_wor
         for _, _, indices in eval_loader(stream, batch_size=7, num_workers=num_workers):
             seen += indices.tolist()
     assert sorted(seen) == list(range(250))
+
+
+@pytest.mark.parametrize("world_size, num_workers", [(2, 2), (3, 0)])
+def test_a_subset_is_read_exactly_once_and_only_as_far_as_it_goes(fmnist_shards, world_size, num_workers):
+    shards = with_lengths(open_shards(str(fmnist_shards["val"])))  # 3 shards: 100, 100, 50 samples
+    subset = spread_subset(shards.lengths, 25)
+    assert subset == (*range(0, 10), *range(100, 110), *range(200, 205))  # a tenth of each shard
+    seen = []
+    for rank in range(world_size):
+        stream = EvalStream(shards, _spec(needs_label=True), rank, world_size, 1.0, subset)
+        for _, _, indices in eval_loader(stream, batch_size=4, num_workers=num_workers):
+            seen += indices.tolist()
+    assert sorted(seen) == list(subset)
+    reads = []
+    stream = EvalStream(shards, _spec(needs_label=True), 0, 1, 1.0, subset)
+    stream._read_range = lambda url, first, members, last, reader: reads.append((first, last)) or iter(())
+    list(stream)
+    assert reads == [(0, 9), (100, 109), (200, 204)]  # each shard up to its last wanted sample
+
+
+def test_spread_subset_keeps_the_count_and_the_whole_split_is_none():
+    assert spread_subset([7, 5, 3], None) is None and spread_subset([7, 5, 3], 15) is None
+    subset = spread_subset([7, 5, 3], 8)
+    assert len(subset) == 8 and len(set(subset)) == 8 and list(subset) == sorted(subset)
+    per_shard = Counter(0 if i < 7 else 1 if i < 12 else 2 for i in subset)
+    assert per_shard == {0: 4, 1: 3, 2: 1}  # 3.73, 2.67, 1.6 -> largest remainders get the rest
 
 
 def test_crop_boxes_follow_torchvision_distribution():
