@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from mim.config import ClassifyConfig, load_config
-from mim.data.streams import ViewSpec
+from mim.data.streams import ViewSpec, spread_subset
 from mim.data.transforms import normalize_on_device
 from mim.distributed import init_distributed, read_dist_env, shutdown
-from mim.engine.evaluate import extract_features, knn_classify, top_k_counts
+from mim.engine.evaluate import KnnSplits, knn_evaluate
 from mim.errors import UserInputError
 from mim.models.classifier import build_linear_probe
 from mim.recipe import check_classify
@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/linprobe/base.yaml")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument(
+        "--bank-samples", type=int, help="a bank of this many samples of data.train, spread over its shards"
+    )
+    parser.add_argument(
+        "--val-samples", type=int, help="this many samples of data.val, spread over its shards"
+    )
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -39,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(
             f"--k must be at least 1 and --temperature positive, got {args.k} and {args.temperature}"
         )
+    if min(args.bank_samples or 1, args.val_samples or 1) < 1:
+        raise UserInputError("--bank-samples and --val-samples must be at least 1")
     config = load_config(ClassifyConfig, args.config, ["run.dir=.", *args.overrides])
     inputs = check_classify(config, "linprobe")  # the same backbone loading and checks as the probe
     model, _ = build_linear_probe(
@@ -53,22 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     def features_of(images: torch.Tensor) -> torch.Tensor:
         return backbone(normalize_on_device(images, config.data.mean, config.data.std))
 
-    common = (spec, env, device, config.data.batch_size, config.data.num_workers, config.eval.crop_fraction)
-    with torch.no_grad():
-        train_features, train_labels = extract_features(features_of, inputs.shards, *common)
-        val_features, val_labels = extract_features(features_of, inputs.val_shards, *common)
-        scores = knn_classify(
-            train_features, train_labels, val_features, inputs.num_classes, args.k, args.temperature
-        )
-    correct = top_k_counts(scores.unsqueeze(0), val_labels)[:, 0]
-    result = {
-        "top1": correct[0].item() * 100 / len(val_labels),
-        "top5": correct[1].item() * 100 / len(val_labels),
-        "num_samples": len(val_labels),
-        "k": args.k,
-        "temperature": args.temperature,
-        "backbone": inputs.weights.source if inputs.weights else "random init",
-    }
+    splits = KnnSplits(
+        inputs.shards,
+        inputs.val_shards,
+        inputs.num_classes,
+        spread_subset(inputs.shards.lengths, args.bank_samples),
+        spread_subset(inputs.val_shards.lengths, args.val_samples),
+    )
+    loader = (config.data.batch_size, config.data.num_workers, config.eval.crop_fraction)
+    result = knn_evaluate(features_of, splits, spec, env, device, loader, args.k, args.temperature)
+    result.update(
+        num_samples=result["num_val"],
+        k=args.k,
+        temperature=args.temperature,
+        backbone=inputs.weights.source if inputs.weights else "random init",
+    )
     if env.is_main:
         print(json.dumps(result))
         if args.out:

@@ -3,7 +3,8 @@ per classifier head; and a kNN classifier on frozen features."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -72,12 +73,14 @@ def extract_features(
     crop_fraction: float,
     l2_normalize: bool = True,
     gather: bool = True,
+    subset: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of this rank's share of the split (each sample once across ranks);
-    with `gather`, the whole split on every rank."""
-    stream = EvalStream(shards, spec, env.rank, env.world_size, crop_fraction)
+    """Features and labels of this rank's share of the split (or of `subset`, sorted sample
+    indices; each sample once across ranks); with `gather`, the whole split on every rank."""
+    stream = EvalStream(shards, spec, env.rank, env.world_size, crop_fraction, subset)
     features, labels = [], []
-    for images, batch_labels, _ in eval_loader(stream, batch_size, num_workers):
+    for images, batch_labels, _ in eval_loader(stream, batch_size, num_workers, generator):
         batch_features = features_of(images.to(device)).float()
         features.append(F.normalize(batch_features, dim=-1) if l2_normalize else batch_features)
         labels.append(batch_labels.to(device))
@@ -86,6 +89,57 @@ def extract_features(
     if not gather or not (dist.is_initialized() and dist.get_world_size() > 1):
         return local, local_labels
     return _gather_uneven(local), _gather_uneven(local_labels)
+
+
+@dataclass(frozen=True)
+class KnnSplits:
+    """What a kNN evaluation reads: a labelled bank and a labelled validation split, each whole
+    or a sorted subset of its sample indices."""
+
+    bank: ShardSet
+    val: ShardSet
+    num_classes: int
+    bank_subset: tuple[int, ...] | None = None
+    val_subset: tuple[int, ...] | None = None
+
+
+@torch.no_grad()
+def knn_evaluate(
+    features_of: Callable[[torch.Tensor], torch.Tensor],
+    splits: KnnSplits,
+    spec: ViewSpec,
+    env: DistEnv,
+    device: torch.device,
+    loader: tuple[int, int, float],
+    k: int,
+    temperature: float,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """Weighted kNN top-1/top-5 (percent) of the validation split against the bank, every sample
+    once across ranks: the bank's features are gathered on every rank, each rank classifies its
+    own share of the validation split, the hits are summed. `loader`: (batch size, workers, crop
+    fraction)."""
+    batch_size, num_workers, crop_fraction = loader
+    common = (spec, env, device, batch_size, num_workers, crop_fraction)
+    bank_features, bank_labels = extract_features(
+        features_of, splits.bank, *common, subset=splits.bank_subset, generator=generator
+    )
+    val_features, val_labels = extract_features(
+        features_of, splits.val, *common, gather=False, subset=splits.val_subset, generator=generator
+    )
+    counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, samples
+    if len(val_labels) and len(bank_labels):
+        scores = knn_classify(bank_features, bank_labels, val_features, splits.num_classes, k, temperature)
+        counts[:2] = top_k_counts(scores.unsqueeze(0), val_labels)[:, 0]
+    counts[2] = len(val_labels)
+    all_reduce_sum(counts)
+    total = max(1.0, counts[2].item())
+    return {
+        "top1": counts[0].item() * 100 / total,
+        "top5": counts[1].item() * 100 / total,
+        "num_bank": len(bank_labels),
+        "num_val": int(counts[2].item()),
+    }
 
 
 def _gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
