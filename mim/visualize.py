@@ -1,16 +1,23 @@
-"""Reconstruction pictures: for each image a row of original | masked input | reconstruction |
-reconstruction with the visible patches pasted back. With norm-pix loss the predictions are
-un-normalised with each patch's own mean and variance first (as the MAE paper's figures)."""
+"""Pictures of what a model does, as titled grids (mim.pictures):
+
+- reconstructions: for each image original | masked input | reconstruction | reconstruction with
+  the visible patches pasted back. With norm-pix loss the predictions are un-normalised with each
+  patch's own mean and variance first (as the MAE paper's figures).
+- attention: for each image the image | the cls token's attention to the patches in one block,
+  one map per head | their mean; each map scaled to its own maximum and laid over the image.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from PIL import Image
+from torch import nn
 
 from mim.data.transforms import normalize_on_device
+from mim.models.attention import cls_attention
 from mim.models.mae import MaskedAutoencoderViT
+from mim.pictures import heat_colours, titled_grid
+
+RECONSTRUCTION_TITLES = ["original", "masked", "reconstruction", "reconstruction + visible"]
 
 
 def _to_pixels(normalized: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -22,6 +29,11 @@ def _to_pixels(normalized: torch.Tensor, mean: list[float], std: list[float]) ->
     return (normalized.float().cpu() * std_t + mean_t).clamp(0, 1)
 
 
+def _normalized_input(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[float]):
+    parameter = next(model.parameters())
+    return normalize_on_device(images.to(parameter.device), mean, std, parameter.dtype)
+
+
 @torch.no_grad()
 def reconstruction_grid(
     model: MaskedAutoencoderViT,
@@ -31,12 +43,11 @@ def reconstruction_grid(
     mask_ratio: float,
     seed: int = 0,
 ) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> one uint8 picture (C, N*H, 4*W)."""
+    """uint8 images (N, C, H, W) -> one titled uint8 picture (3, height, width)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    normalized = normalize_on_device(images.to(device), mean, std, dtype)
+    normalized = _normalized_input(model, images, mean, std)
+    device = normalized.device
     generator = torch.Generator(device=device).manual_seed(seed)
     noise = torch.rand(images.shape[0], model.num_patches, generator=generator, device=device)
     _, pred, mask = model(normalized, mask_ratio=mask_ratio, noise=noise)
@@ -50,15 +61,38 @@ def reconstruction_grid(
     pasted = original * (1 - pixel_mask) + reconstruction * pixel_mask
     panels = [_to_pixels(t, mean, std) for t in (original, masked, reconstruction, pasted)]
     panels[1] = panels[1] * (1 - pixel_mask.cpu()) + 0.5 * pixel_mask.cpu()  # removed patches in grey
-    rows = torch.cat(panels, dim=3)  # (N, C, H, 4W)
-    grid = torch.cat(list(rows), dim=1)  # (C, N*H, 4W)
-    return (grid * 255).round().to(torch.uint8)
+    return titled_grid(panels, RECONSTRUCTION_TITLES)
 
 
-def save_png(picture: torch.Tensor, path: Path, scale: int = 1) -> None:
-    array = picture.permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+def overlay(pictures: torch.Tensor, maps: torch.Tensor, opacity: float = 0.6) -> torch.Tensor:
+    """Per-patch maps (N, g, g) laid over pictures (N, C, H, W) in [0, 1]: each map scaled to its
+    own maximum, blown up to the picture with nearest neighbour (one block per patch), coloured."""
+    scaled = maps / maps.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+    blown_up = torch.nn.functional.interpolate(scaled.unsqueeze(1), size=pictures.shape[-2:], mode="nearest")
+    heat = heat_colours(blown_up[:, 0]).movedim(0, 1)  # (N, 3, H, W)
+    grey = pictures.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    return (1 - opacity) * grey + opacity * heat
+
+
+@torch.no_grad()
+def attention_grid(
+    encoder: nn.Module,
+    images: torch.Tensor,
+    mean: list[float],
+    std: list[float],
+    block: int = -1,
+) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> one titled uint8 picture (3, height, width): each image, its
+    cls token's attention to the patches for each head, and the heads' mean."""
+    was_training = encoder.training
+    encoder.eval()
+    normalized = _normalized_input(encoder, images, mean, std)
+    weights = cls_attention(encoder, normalized, block).cpu()  # (N, heads, 1 + L)
+    encoder.train(was_training)
+    side = round((weights.shape[-1] - 1) ** 0.5)
+    patch_maps = weights[:, :, 1:].reshape(weights.shape[0], weights.shape[1], side, side)
+    pictures = _to_pixels(normalized, mean, std)
+    heads = [overlay(pictures, patch_maps[:, head]) for head in range(patch_maps.shape[1])]
+    columns = [pictures, *heads, overlay(pictures, patch_maps.mean(1))]
+    titles = ["image", *[f"head {h + 1}" for h in range(len(heads))], "mean"]
+    return titled_grid(columns, titles)
