@@ -111,6 +111,23 @@ class LogConfig:
 
 
 @dataclass
+class MonitorConfig:
+    # Online kNN accuracy of the encoder during pretraining; off while bank or val is empty.
+    bank: str = ""  # labelled shards whose features are the neighbours (like data.train)
+    val: str = ""  # labelled shards that are classified
+    # Subsets: the first samples of every shard, in proportion to its size; None: the whole split
+    bank_samples: int | None = None
+    val_samples: int | None = None
+    every: int = 1000  # steps between evaluations; also at step 0 and at the last step
+    k: int = 20
+    temperature: float = 0.07
+    global_pool: str = "avg"  # the feature: avg (patch tokens' mean) | token (cls token)
+    batch_size: int = 256
+    num_workers: int = 2
+    crop_fraction: float = 0.875  # resize to img_size / crop_fraction, then centre crop
+
+
+@dataclass
 class InitConfig:
     # Continue from an official MAE checkpoint, a timm ViT weights file, or a mim export.
     from_: str = field(default="", metadata={"yaml": "from"})
@@ -126,6 +143,7 @@ class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     log: LogConfig = field(default_factory=LogConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 # ----------------------------------------------------------------------------- evaluation stages

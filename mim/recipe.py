@@ -13,6 +13,7 @@ from mim.config import (
     ConfigError,
     DataConfig,
     DeepSpeedConfig,
+    MonitorConfig,
     OptimConfig,
     PretrainConfig,
     ScheduleConfig,
@@ -20,6 +21,8 @@ from mim.config import (
 )
 from mim.data.reading import ReadPolicy, ShardUnreadable
 from mim.data.shards import ShardSet, open_shards, with_lengths
+from mim.data.streams import spread_subset
+from mim.engine.evaluate import KnnSplits
 from mim.models.backbone import ARCH_KEYS, Weights, load_weights
 from mim.models.registry import model_args
 
@@ -196,6 +199,46 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
         f"data.train {config.data.train!r} has no _info.json with sample counts: set data.samples_per_epoch",
     )
     return arch, shards
+
+
+def check_monitor(monitor: MonitorConfig, data: DataConfig) -> KnnSplits | None:
+    """The kNN monitor's splits (None: the monitor is off), opened and counted before any work."""
+    if not monitor.bank and not monitor.val:
+        return None
+    require(
+        bool(monitor.bank) and bool(monitor.val),
+        f"the kNN monitor needs both monitor.bank and monitor.val (labelled shards), got "
+        f"bank={monitor.bank!r} val={monitor.val!r}; leave both empty to turn it off",
+    )
+    require(monitor.every >= 1, f"monitor.every must be at least 1, got {monitor.every}")
+    require(monitor.k >= 1, f"monitor.k must be at least 1, got {monitor.k}")
+    require(monitor.temperature > 0, f"monitor.temperature must be positive, got {monitor.temperature}")
+    require(
+        monitor.global_pool in ("token", "avg"),
+        f"monitor.global_pool must be token or avg, got {monitor.global_pool!r}",
+    )
+    require(monitor.batch_size >= 1, f"monitor.batch_size must be at least 1, got {monitor.batch_size}")
+    require(monitor.num_workers >= 0, f"monitor.num_workers must be 0 or more, got {monitor.num_workers}")
+    require(
+        0 < monitor.crop_fraction <= 1,
+        f"monitor.crop_fraction must be in (0, 1], got {monitor.crop_fraction}",
+    )
+    for key in ("bank_samples", "val_samples"):
+        count = getattr(monitor, key)
+        require(count is None or count >= 1, f"monitor.{key} must be at least 1, got {count}")
+    bank = _open_split("monitor.bank", monitor.bank, read_policy(data))
+    val = _open_split("monitor.val", monitor.val, read_policy(data))
+    require(
+        bool(bank.classes),
+        f"monitor.bank {monitor.bank}: its _info.json names no classes; the kNN monitor needs labelled shards",
+    )
+    return KnnSplits(
+        bank,
+        val,
+        len(bank.classes),
+        spread_subset(bank.lengths, monitor.bank_samples),
+        spread_subset(val.lengths, monitor.val_samples),
+    )
 
 
 @dataclass

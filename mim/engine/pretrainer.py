@@ -13,12 +13,14 @@ from mim.config import ConfigError, PretrainConfig
 from mim.data.shards import ShardSet
 from mim.data.streams import ViewSpec, derived_seed, first_images
 from mim.distributed import DistEnv
+from mim.engine.evaluate import KnnSplits
+from mim.engine.monitor import KnnMonitor
 from mim.engine.optim import param_groups
 from mim.engine.trainer import Outcome, Trainer
 from mim.models.backbone import Weights
 from mim.models.mae import MaskedAutoencoderViT
 from mim.runtime import StopSignal
-from mim.visualize import reconstruction_grid
+from mim.visualize import attention_grid, reconstruction_grid
 
 __all__ = ["Outcome", "Pretrainer"]
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class Pretrainer(Trainer):
         stop: StopSignal | None = None,
         model: MaskedAutoencoderViT | None = None,
         init_weights: Weights | None = None,
+        monitor_splits: KnnSplits | None = None,
     ) -> None:
         torch.manual_seed(config.run.seed)  # the same initial weights for the same seed
         model = model if model is not None else MaskedAutoencoderViT(**arch)
@@ -81,6 +84,19 @@ class Pretrainer(Trainer):
         self.init = None
         if init_weights is not None and checkpoint.latest_checkpoint(self.run_dir) is None:
             self.init = initialize_from(self.engine.module, init_weights)
+        self.monitor = (
+            KnnMonitor(
+                config.monitor,
+                monitor_splits,
+                self.view_spec,
+                env,
+                device,
+                self.run_dir,
+                bf16=self.precision == "bf16",
+            )
+            if monitor_splits is not None
+            else None
+        )
         wants_fixed = self.writer is not None and (config.log.recon_every or self.init is not None)
         self.fixed = self.fixed_images() if wants_fixed else None
 
@@ -118,20 +134,34 @@ class Pretrainer(Trainer):
         module.train(was_training)
         return float(loss)
 
+    def before_loop(self) -> None:
+        if self.monitor is not None:
+            self.monitor.start_at(self.step)
+            if self.step == 0:  # the starting point of the curve: the encoder before any training
+                self.evaluate_monitor()
+
+    def evaluate_monitor(self) -> None:
+        record = self.monitor.evaluate(
+            self.engine.module, self.normalize, self.step, self.step * self.plan.effective_batch
+        )
+        for name in ("top1", "top5"):
+            self.scalar(f"monitor/knn_{name}", record[name])
+        self.scalar("monitor/seconds", record["seconds"])
+        if self.writer is not None:
+            self.writer.flush()
+
     def after_step(self) -> None:
+        if self.monitor is not None and self.monitor.due(self.step, self.plan.total_steps):
+            self.evaluate_monitor()
         if (
             self.fixed is not None
             and self.config.log.recon_every
             and self.step % self.config.log.recon_every == 0
         ):
-            grid = reconstruction_grid(
-                self.engine.module,
-                self.fixed,
-                self.config.data.mean,
-                self.config.data.std,
-                self.config.model.mask_ratio,
-            )
+            model, mean, std = self.engine.module, self.config.data.mean, self.config.data.std
+            grid = reconstruction_grid(model, self.fixed, mean, std, self.config.model.mask_ratio)
             self.writer.add_image("reconstructions", grid, self.step)
+            self.writer.add_image("attention", attention_grid(model, self.fixed, mean, std), self.step)
 
     def meta(self) -> dict:
         return dict(

@@ -109,6 +109,9 @@ class Trainer:
     def forward_loss(self, images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def before_loop(self) -> None:
+        """Called on every rank once the run is loaded or resumed, before the first step."""
+
     def after_step(self) -> None:
         """Called on every rank after each optimizer step."""
 
@@ -322,6 +325,7 @@ class Trainer:
 
     def run(self) -> Outcome:
         self.resume()
+        self.before_loop()
         config, plan = self.config, self.plan
         log.info(
             "%s: %d steps (%d per epoch of %d samples), effective batch %d, lr %.3e, %s, %d process(es)",
