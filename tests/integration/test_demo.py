@@ -20,13 +20,23 @@ def test_quick_demo_runs_every_stage_and_writes_results(tmp_path):
     result = run_cli("demo", "--quick", "--out", str(out), "--data", str(FASHION_MNIST), timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["accuracy"]) == {"linprobe_mae", "linprobe_random", "finetune_mae"}
-    assert all(10.0 < value <= 100.0 for value in results["accuracy"].values())  # better than chance already
+    accuracy = results["accuracy"]
+    assert set(accuracy) == {"linprobe_mae", "linprobe_random", "finetune_mae"}
+    assert all(10.0 < value <= 100.0 for value in accuracy.values())  # better than chance already
+    # The first look shows the point: MAE's features beat a random encoder's, and get better.
+    assert accuracy["linprobe_mae"] >= accuracy["linprobe_random"] + 5, accuracy
+    curve = results["knn_curve"]
+    assert curve[0]["step"] == 0 and curve[-1]["top1"] > curve[0]["top1"], curve
     assert {"pretrain", "linprobe (MAE)", "finetune", "export", "total"} <= set(results["seconds"])
-    assert "Linear probe top-1, MAE encoder" in (out / "results.md").read_text()
-    assert "Linear probe top-1, MAE encoder" in result.stdout
-    picture = Image.open(out / "reconstructions.png")
-    assert picture.size == (4 * 28 * 4, 8 * 28 * 4)  # 4 panels x 8 images, 28 px, zoom 4
+    report = (out / "results.md").read_text()
+    assert "Linear probe top-1, MAE encoder" in report and "![attention](attention.png)" in report
+    assert "kNN top-1 during pretraining" in result.stdout
+    grid = Image.open(out / "reconstructions.png")
+    cell = 28 * 4 + 2  # 28 px images drawn 4x (nearest neighbour), 2 px apart
+    assert grid.size[0] == 4 * cell + 2 and grid.size[1] > 8 * cell  # 4 titled columns, 8 rows
+    attention = Image.open(out / "attention.png")
+    assert attention.size[0] == (1 + 4 + 1) * cell + 2  # image, 4 heads, mean
+    assert Image.open(out / "knn.png").size == (640, 400)
     assert (out / "export" / "model.safetensors").is_file() and (
         out / "export" / "decoder.safetensors"
     ).is_file()
@@ -36,6 +46,15 @@ def test_quick_demo_runs_every_stage_and_writes_results(tmp_path):
 
     probe = run_cli("visualize", str(out / "linprobe-mae"), "--out", str(tmp_path / "x.png"))
     assert probe.returncode == 2 and "reconstructions need a pretraining one" in probe.stderr
+    maps = run_cli("visualize", str(out / "linprobe-mae"), "--attention", "--out", str(tmp_path / "a.png"))
+    assert maps.returncode == 0 and Image.open(tmp_path / "a.png").size == attention.size
+    wrong = run_cli(
+        "visualize", str(out / "export"), "--attention", "--block", "4", "--out", str(tmp_path / "b.png")
+    )
+    assert (
+        wrong.returncode == 2 and "--block: block 4 does not exist: this encoder has 4 blocks" in wrong.stderr
+    )
+    assert not (tmp_path / "b.png").exists()
 
 
 def test_demo_without_data_explains_what_to_install(tmp_path):
