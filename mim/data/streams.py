@@ -269,7 +269,7 @@ class EvalStream(IterableDataset):
 
     def _read_range(
         self, url: str, first_index: int, members: Container[int], last: int, reader: _SampleReader
-    ):
+    ) -> Iterator[tuple[torch.Tensor, int, int]]:
         view = lambda payload: eval_view(  # noqa: E731
             payload, self.spec.mode, self.spec.img_size, self.crop_fraction, self.spec.reduced_decode
         )

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,8 +60,15 @@ class KnnMonitor:
         else:
             self.evaluations = []
 
-    def evaluate(self, model: MaskedAutoencoderViT, normalize, step: int, samples_seen: int) -> dict:
-        """Runs on every rank (the features are gathered); returns this step's record."""
+    def evaluate(
+        self,
+        model: MaskedAutoencoderViT,
+        normalize: Callable[[torch.Tensor], torch.Tensor],
+        step: int,
+        samples_seen: int,
+    ) -> dict:
+        """Runs on every rank (the features are gathered); returns this step's record.
+        `normalize`: uint8 images -> the model's input (on its device, in its dtype)."""
         started = time.monotonic()
         was_training = model.training
         model.eval()
