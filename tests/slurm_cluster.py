@@ -66,6 +66,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=2
+FirstJobId={first_job_id}
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
@@ -86,6 +87,14 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _first_job_id() -> int:
+    """Job ids of their own for the clusters of each pytest-xdist worker: mim derives a job's
+    rendezvous port from its id, and two test clusters running side by side on this machine would
+    otherwise both start at job 1 and collide on the same port (EADDRINUSE)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    return 1 + 1000 * (int(worker) if worker.isdigit() else 0)
 
 
 class LocalSlurm:
@@ -142,6 +151,7 @@ class LocalSlurm:
                 slurmd_port=_free_port(),
                 node_lines=self._node_lines(),
                 node_names=",".join(self.nodes),
+                first_job_id=_first_job_id(),
             )
         )
         subprocess.run(["slurmctld"], check=True, env=self.env, capture_output=True)
