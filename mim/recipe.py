@@ -228,10 +228,12 @@ def check_monitor(monitor: MonitorConfig, data: DataConfig) -> KnnSplits | None:
         require(count is None or count >= 1, f"monitor.{key} must be at least 1, got {count}")
     bank = _open_split("monitor.bank", monitor.bank, read_policy(data))
     val = _open_split("monitor.val", monitor.val, read_policy(data))
-    require(
-        bool(bank.classes),
-        f"monitor.bank {monitor.bank}: its _info.json names no classes; the kNN monitor needs labelled shards",
-    )
+    for key, split in (("bank", bank), ("val", val)):
+        require(
+            bool(split.classes),
+            f"monitor.{key} {getattr(monitor, key)}: its _info.json names no classes; "
+            "the kNN monitor needs labelled shards",
+        )
     return KnnSplits(
         bank,
         val,

@@ -57,6 +57,10 @@ def reconstructions(args: argparse.Namespace) -> str:
 
 
 def attention(args: argparse.Namespace) -> str:
+    if not Path(args.source).exists():
+        raise FileNotFoundError(
+            f"{args.source} does not exist (expected a mim run dir, checkpoint or export, or a weights file)"
+        )
     weights = load_weights(args.source)
     encoder = create_vit(weights.arch, num_classes=0, global_pool="token", fc_norm=False)
     # A fine-tuned model brings its head (and fc_norm instead of the final norm): neither

@@ -143,14 +143,17 @@ def knn_evaluate(
 
 
 def _gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
-    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
-    longest = max(int(s.item()) for s in sizes)
-    padded = torch.zeros(longest, *tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.zeros_like(padded) for _ in sizes]
+    """Rows from every rank, in rank order; a rank with no rows may have an empty (0, 0) tensor
+    (it never saw a feature, so it does not know the width: the others' is taken)."""
+    shape = torch.tensor(tensor.shape, device=tensor.device)
+    shapes = [torch.zeros_like(shape) for _ in range(dist.get_world_size())]
+    dist.all_gather(shapes, shape)
+    widest = torch.stack(shapes).amax(0).tolist()  # (rows, *feature dims): the largest of each
+    padded = torch.zeros(*widest, dtype=tensor.dtype, device=tensor.device)
+    padded[tuple(slice(0, n) for n in tensor.shape)] = tensor
+    parts = [torch.zeros_like(padded) for _ in shapes]
     dist.all_gather(parts, padded)
-    return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes, strict=True)])
+    return torch.cat([part[: int(size[0])] for part, size in zip(parts, shapes, strict=True)])
 
 
 def knn_classify(

@@ -55,6 +55,8 @@ def test_quick_demo_runs_every_stage_and_writes_results(tmp_path):
         wrong.returncode == 2 and "--block: block 4 does not exist: this encoder has 4 blocks" in wrong.stderr
     )
     assert not (tmp_path / "b.png").exists()
+    nowhere = run_cli("visualize", str(tmp_path / "nowhere"), "--attention", "--out", str(tmp_path / "c.png"))
+    assert nowhere.returncode == 2 and "nowhere does not exist (expected a mim run dir" in nowhere.stderr
 
 
 def test_demo_without_data_explains_what_to_install(tmp_path):

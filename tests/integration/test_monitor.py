@@ -5,6 +5,7 @@ a stop and resume, and two ranks count every sample once."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -143,4 +144,10 @@ def test_a_half_configured_or_missing_monitor_split_fails_before_work(tmp_path, 
     assert only_bank.returncode == 2 and "needs both monitor.bank and monitor.val" in only_bank.stderr
     missing = run_cli(*pretrain_args(tmp_path / "b", fmnist_shards, f"monitor.val={tmp_path / 'nowhere'}"))
     assert missing.returncode == 2 and "monitor.val" in missing.stderr
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(fmnist_shards["val"], unlabelled)
+    info = json.loads((unlabelled / "_info.json").read_text())
+    (unlabelled / "_info.json").write_text(json.dumps(dict(info, classes=[])))
+    no_classes = run_cli(*pretrain_args(tmp_path / "c", fmnist_shards, f"monitor.val={unlabelled}"))
+    assert no_classes.returncode == 2 and "names no classes" in no_classes.stderr
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))

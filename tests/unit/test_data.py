@@ -226,11 +226,23 @@ def test_a_subset_is_read_exactly_once_and_only_as_far_as_it_goes(fmnist_shards,
         for _, _, indices in eval_loader(stream, batch_size=4, num_workers=num_workers):
             seen += indices.tolist()
     assert sorted(seen) == list(subset)
-    reads = []
-    stream = EvalStream(shards, _spec(needs_label=True), 0, 1, 1.0, subset)
-    stream._read_range = lambda url, first, members, last, reader: reads.append((first, last)) or iter(())
-    list(stream)
-    assert reads == [(0, 9), (100, 109), (200, 204)]  # each shard up to its last wanted sample
+
+
+def test_a_subset_stops_reading_each_shard_after_its_last_wanted_sample(tmp_path, caplog):
+    """The tail of the shard past the subset is cut off (a truncated tar): reading the subset
+    never reaches it, reading the whole split does and reports it."""
+    write_shards(fashion_mnist_subset("test", 100), tmp_path / "one", name="one", shard_size=100)
+    shard = next((tmp_path / "one").glob("*.tar"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    shards = open_shards(str(tmp_path / "one"))  # its _info.json still says 100 samples
+    subset = spread_subset(shards.lengths, 10)
+    assert subset == tuple(range(10))
+    with caplog.at_level("WARNING"):
+        read = [index for _, _, index in EvalStream(shards, _spec(needs_label=True), 0, 1, 1.0, subset)]
+    assert read == list(subset) and "skipping" not in caplog.text
+    with caplog.at_level("WARNING"):
+        whole = [index for _, _, index in EvalStream(shards, _spec(needs_label=True), 0, 1, 1.0)]
+    assert 10 < len(whole) < 100 and "skipping the rest of shard" in caplog.text
 
 
 def test_spread_subset_keeps_the_count_and_the_whole_split_is_none():
