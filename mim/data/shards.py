@@ -231,14 +231,15 @@ def _open_remote(spec: str, read: ReadPolicy) -> ShardSet:
             text = read_bytes(info_url, read)
         except ShardUnreadable as error:
             raise UserInputError(f"cannot read the shard index {error}") from None
-        return _parse_info(text, info_url, lambda name: urllib.parse.urljoin(info_url, name), read)
+        return _parse_info(text, info_url, lambda name: _remote_entry(info_url, name), read)
     urls = list(braceexpand.braceexpand(spec))
     return ShardSet(urls, None, [], read)
 
 
 def _from_info(info_path: Path, read: ReadPolicy = DEFAULT_READ) -> ShardSet:
+    directory = info_path.parent.absolute()  # absolute: no entry can come out as `pipe:...`
     shards = _parse_info(
-        info_path.read_bytes(), str(info_path), lambda name: str(info_path.parent / name), read
+        info_path.read_bytes(), str(info_path), lambda name: _local_entry(directory, name), read
     )
     missing = [u for u in shards.urls if not Path(u).is_file()]
     if missing:
@@ -248,13 +249,49 @@ def _from_info(info_path: Path, read: ReadPolicy = DEFAULT_READ) -> ShardSet:
     return shards
 
 
+class UnsafeEntry(ValueError):
+    """A shard name in an index that would lead outside the index's own data."""
+
+
+def _checked_name(name: object) -> str:
+    """A shard name from an index: a relative path (no scheme, no host, no `..`, not absolute), so
+    an index only ever names data beside or below itself, never a command (`pipe:`) or a file
+    elsewhere (`file:`, `/etc/...`, `../`)."""
+    if not isinstance(name, str) or not name:
+        raise UnsafeEntry(f"{name!r} is not a file name")
+    decoded = urllib.parse.unquote(name).replace("\\", "/")
+    parts = urllib.parse.urlsplit(decoded)
+    if parts.scheme or parts.netloc or decoded.startswith("/"):
+        raise UnsafeEntry(
+            f"{name!r} is not a relative path (an index may not name URLs, commands or absolute paths)"
+        )
+    if ".." in decoded.split("/"):
+        raise UnsafeEntry(f"{name!r} climbs out of the index's directory ('..')")
+    if parts.query or parts.fragment:
+        raise UnsafeEntry(f"{name!r} has a query or fragment")
+    return name
+
+
+def _remote_entry(info_url: str, name: object) -> str:
+    return urllib.parse.urljoin(info_url, _checked_name(name))
+
+
+def _local_entry(directory: Path, name: object) -> str:
+    return str(directory / _checked_name(name))
+
+
 def _parse_info(text: bytes, where: str, locate: Callable[[str], str], read: ReadPolicy) -> ShardSet:
     try:
         info = json.loads(text)
         shards = info["shards"]
         urls = [locate(shard["name"]) for shard in shards]
         lengths = [int(shard["num_samples"]) for shard in shards]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+    except UnsafeEntry as error:
+        raise UserInputError(
+            f"{where}: shard entry {error}; an index names shards relative to "
+            "itself (e.g. train-000000.tar); write a pipe: or URL pattern in data.* instead"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
         raise UserInputError(f"{where} is not a mim shard index ({error!r})") from None
     return ShardSet(urls, lengths, list(info.get("classes", [])), read)
 

@@ -114,3 +114,19 @@ def test_linear_probe_on_remote_splits_equals_local(tmp_path, server, fmnist_sha
         metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())["final"]
     assert metrics["http"]["num_samples"] == 250  # every val sample exactly once
     assert metrics["http"] == metrics["local"]
+
+
+def test_a_served_index_that_names_a_command_stops_pretraining_before_it_runs(
+    tmp_path, server, fmnist_shards
+):
+    marker = tmp_path / "the-command-ran"
+    evil = fmnist_shards["train"].parent / "evil-index"
+    evil.mkdir(exist_ok=True)
+    entry = f"pipe:touch {marker}; cat {fmnist_shards['train'] / 'train-000000.tar'}"
+    shards = [{"name": "train-000000.tar", "num_samples": 120}, {"name": entry, "num_samples": 120}]
+    (evil / "_info.json").write_text(json.dumps({"name": "train", "classes": [], "shards": shards}))
+    result = pretrain(tmp_path / "run", f"{server.url}/evil-index/_info.json")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"shard entry '{entry}' is not a relative path" in result.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -83,6 +84,52 @@ def test_an_info_json_by_url_lists_remote_shards_with_their_counts(server, fmnis
     (fmnist_shards["train"].parent / "bad.json").write_text(json.dumps({"shards": 3}))
     with pytest.raises(ValueError, match="is not a mim shard index"):
         open_shards(f"{server.url}/bad.json", FAST)
+
+
+def _index(directory, names):
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = [{"name": name, "num_samples": 120} for name in names]
+    (directory / "_info.json").write_text(json.dumps({"name": "x", "classes": [], "shards": shards}))
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "pipe:touch {marker}; cat train-000001.tar",
+        "file://{marker}",
+        "file:{marker}",
+        "ftp://127.0.0.1/train-000001.tar",
+        "http://127.0.0.2/train-000001.tar",
+        "//127.0.0.2/train-000001.tar",
+        "{marker}",
+        "../train/train-000001.tar",
+        "%2e%2e/train/train-000001.tar",
+    ],
+)
+def test_an_index_served_over_http_never_names_commands_files_or_other_places(
+    tmp_path, server, fmnist_shards, entry
+):
+    marker = tmp_path / "the-command-ran"
+    name = entry.format(marker=marker)
+    _index(fmnist_shards["train"].parent / "evil", ["train-000000.tar", name])
+    with pytest.raises(ValueError, match=rf"evil/_info.json: shard entry '{re.escape(name)}' "):
+        open_shards(f"{server.url}/evil/_info.json", FAST)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("entry", ["../train/train-000001.tar", "/etc/passwd", "pipe:touch {marker}"])
+def test_a_local_index_only_names_shards_below_its_directory(tmp_path, monkeypatch, fmnist_shards, entry):
+    marker = tmp_path / "the-command-ran"
+    name = entry.format(marker=marker)
+    _index(tmp_path / "evil", [name])
+    monkeypatch.chdir(tmp_path / "evil")  # `./pipe:...` must not come out as a bare `pipe:...`
+    with pytest.raises(ValueError, match=rf"_info.json: shard entry '{re.escape(name)}' "):
+        open_shards("_info.json")
+    assert not marker.exists()
+    _index(tmp_path / "good", ["sub/a.tar"])
+    (tmp_path / "good" / "sub").mkdir()
+    (tmp_path / "good" / "sub" / "a.tar").write_bytes((fmnist_shards["train"] / SHARD).read_bytes())
+    assert open_shards(str(tmp_path / "good")).urls == [str(tmp_path / "good" / "sub" / "a.tar")]
 
 
 def _batches(stream, count, workers=0):
