@@ -1,8 +1,19 @@
-"""mim's pretraining step against a plain PyTorch loop, side by side in one process, on the same
-model object and the same input, on the current device.
+"""mim's pretraining step against a plain PyTorch loop, side by side in one process (one per rank
+with --nproc), on the same model object and the same input, on the current device.
 
     python benchmarks/pretrain_step.py --model mae_vit_debug mae_vit_demo_patch7 --batch 8 256   # CPU
     python benchmarks/pretrain_step.py --model mae_vit_base_patch16 --batch 64 256                # GPU
+    python benchmarks/pretrain_step.py --nproc 2 --model mae_vit_demo_patch7 --batch 128 \
+        --zero-stage auto 0 0-deepspeed 1 2 --accum 1 4                                         # ranks
+
+With --nproc N the script launches N ranks itself (torchrun; or run it under torchrun / srun) and
+the reference is what the official MAE code runs on a cluster: torch DistributedDataParallel
+(default buckets, gradient communication overlapped with backward, `no_sync()` on all but the
+last micro-batch of an accumulated step) with the same fused AdamW. Each rank takes its own
+input; img/s counts every rank's images. `0-deepspeed` is stage 0 with DeepSpeed's own gradient
+all-reduce (after backward, flattened) instead of mim's overlapped one, to show what that costs.
+At stages 1 and 2 ZeRO takes over the parameters' storage and hooks, so the reference runs on a
+copy of the model made before the engine (same weights, same architecture).
 
 mim's step is the one every training stage runs (mim.engine.step.StepRunner on the DeepSpeed
 engine that mim.engine.deepspeed_engine builds from the same settings as `mim pretrain`). The
@@ -24,17 +35,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from mim.distributed import init_distributed, read_dist_env
-from mim.engine.deepspeed_engine import EngineSettings, build_engine, resolve_precision, resolve_zero_stage
+from mim.engine.deepspeed_engine import EngineSettings, build_engine, resolve_precision
 from mim.engine.optim import param_groups
 from mim.engine.schedule import apply_lr
 from mim.engine.step import StepRunner
@@ -51,8 +66,14 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--batch", nargs="+", type=int, default=[8])
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument(
-        "--zero-stage", default="auto", choices=["auto", "0", "1", "2"], help="as deepspeed.zero_stage"
+        "--zero-stage",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "0", "0-deepspeed", "1", "2"],
+        help="as deepspeed.zero_stage; 0-deepspeed: stage 0 with DeepSpeed's all-reduce",
     )
+    parser.add_argument("--accum", nargs="+", type=int, default=[1], help="micro-batches per step")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks to launch on this machine")
     parser.add_argument(
         "--compile",
         default="auto",
@@ -72,6 +93,18 @@ def parse() -> argparse.Namespace:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()  # a step takes as long as its slowest rank
+
+
+def launch_ranks(nproc: int) -> int:
+    """Runs this script again as `nproc` ranks (torchrun), the cores shared out among them."""
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
+    own = [a for i, a in enumerate(sys.argv) if a != "--nproc" and sys.argv[i - 1] != "--nproc"]
+    own = [a for a in own if not a.startswith("--nproc=")]  # the ranks know theirs from torchrun
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *own]
+    return subprocess.run(command, env=env).returncode
 
 
 def matmul_peak_tflops(device: torch.device) -> float:
@@ -91,31 +124,54 @@ def matmul_peak_tflops(device: torch.device) -> float:
 
 
 class Bench:
-    """One model, one input; the reference loop and mim's engine step over the same parameters."""
+    """One model, one input per rank; the reference loop and mim's engine step over the same
+    parameters (a copy made before the engine at ZeRO stages 1 and 2: see the top)."""
 
-    def __init__(self, name: str, batch: int, args: argparse.Namespace, device: torch.device) -> None:
+    def __init__(
+        self, name: str, batch: int, accum: int, stage: str, args: argparse.Namespace, device: torch.device
+    ) -> None:
         torch.manual_seed(0)
-        self.device, self.args, self.batch = device, args, batch
+        self.device, self.args, self.batch, self.accum = device, args, batch, accum
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.model = create_model(name).to(device)
         self.precision = resolve_precision(args.precision)
+        zero_stage = stage.removesuffix("-deepspeed")
         self.settings = EngineSettings(
             micro_batch_size=batch,
-            accum_steps=1,
-            world_size=1,
-            zero_stage=args.zero_stage,
+            accum_steps=accum,
+            world_size=self.world_size,
+            zero_stage=zero_stage if zero_stage == "auto" else int(zero_stage),
             precision=args.precision,
             grad_clip=None,
+            num_params=sum(p.numel() for p in self.model.parameters()),
         )
+        self.stage = self.settings.resolved_zero_stage
+        shared = self.stage == 0
+        reference_model = self.model if shared else copy.deepcopy(self.model)
         self.engine = build_engine(self.model, param_groups(self.model, 0.05), self.settings)
-        self.runner = StepRunner(self.engine, self.settings, device)
-        self.reference_groups = param_groups(self.model, 0.05)
+        self.runner = StepRunner(
+            self.engine, self.settings, device, overlap_all_reduce=not stage.endswith("-deepspeed")
+        )
+        self.reference_model = reference_model
+        self.reference = reference_model
+        if self.world_size > 1:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.reference = torch.nn.parallel.DistributedDataParallel(reference_model, device_ids=device_ids)
+        self.reference_groups = param_groups(reference_model, 0.05)
         self.reference_optimizer = torch.optim.AdamW(
             self.reference_groups, lr=LR, betas=(0.9, 0.95), fused=True
         )
         size = self.model.patch_embed.img_size
-        self.images = torch.randn(batch, self.model.in_chans, *size, device=device)
-        self.noise = torch.rand(batch, self.model.num_patches, device=device)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        data = torch.Generator(device="cpu").manual_seed(1000 + rank)
+        self.images = torch.randn(batch, self.model.in_chans, *size, generator=data).to(device)
+        self.noise = torch.rand(batch, self.model.num_patches, generator=data).to(device)
         self.step_number = 0
+
+    def compile(self) -> None:
+        self.engine.compile()  # in place: the reference loop runs the compiled model too
+        if self.reference_model is not self.model:
+            self.reference_model.compile()
 
     def autocast(self):
         if self.precision == "bf16":
@@ -124,9 +180,14 @@ class Bench:
 
     def reference_step(self) -> None:
         apply_lr(self.reference_groups, LR)
-        with self.autocast():
-            loss, _, _ = self.model(self.images, mask_ratio=self.args.mask_ratio, noise=self.noise)
-        loss.backward()
+        for micro in range(self.accum):
+            skip_sync = micro < self.accum - 1 and self.world_size > 1
+            with self.reference.no_sync() if skip_sync else contextlib.nullcontext():
+                with self.autocast():
+                    loss, _, _ = self.reference(
+                        self.images, mask_ratio=self.args.mask_ratio, noise=self.noise
+                    )
+                (loss / self.accum).backward()
         self.reference_optimizer.step()
         self.reference_optimizer.zero_grad(set_to_none=True)
 
@@ -189,6 +250,8 @@ def profile_steps(bench: Bench, directory: str, label: str) -> None:
         for _ in range(3):
             bench.mim_step()
         synchronize(bench.device)
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
     sort_by = "self_cuda_time_total" if bench.device.type == "cuda" else "self_cpu_time_total"
     print(
         f"\nprofile of 3 mim steps, {label}:\n" + profiler.key_averages().table(sort_by=sort_by, row_limit=15)
@@ -203,46 +266,56 @@ def mfu(flops: int, ms: float, peak_tflops: float | None) -> str:
 
 def main() -> None:
     args = parse()
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(launch_ranks(args.nproc))
     device = init_distributed(read_dist_env())
+    main_rank = not dist.is_initialized() or dist.get_rank() == 0
+    say = print if main_rank else (lambda *a, **k: None)
     cuda = device.type == "cuda"
     compile_modes = [False, True] if args.compile == "both" or (args.compile == "auto" and cuda) else [False]
     where = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores)"
     peak_tflops = matmul_peak_tflops(device) if cuda else None
-    print(
-        f"device: {where}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-        f"ZeRO stage {resolve_zero_stage(args.zero_stage, 1)}; {args.rounds} rounds x {args.steps} steps"
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    reference = "torch DDP" if world_size > 1 else "plain loop"
+    say(
+        f"device: {where}; torch {torch.__version__}; {world_size} rank(s), {torch.get_num_threads()} "
+        f"thread(s) each; reference: {reference}; {args.rounds} rounds x {args.steps} steps"
         + (f"; bf16 matmul peak {peak_tflops:.0f} TFLOP/s" if peak_tflops else ""),
         flush=True,
     )
-    print(
-        "| model | batch | precision | compiled | reference ms | mim ms | ratio | reference img/s | mim img/s "
-        "| reference MFU | mim MFU | reference peak GiB | mim peak GiB |"
+    say(
+        "| model | batch x accum | ZeRO | precision | compiled | reference ms | mim ms | ratio "
+        "| reference img/s | mim img/s | reference MFU | mim MFU | reference peak GiB | mim peak GiB |"
     )
-    print("|" + "---|" * 13)
+    say("|" + "---|" * 14)
     for name in args.model:
         for batch in args.batch:
-            bench = Bench(name, batch, args, device)
-            flops = bench.step_flops() if cuda else 0
-            for compiled in compile_modes:
-                if compiled:
-                    bench.engine.compile()  # in place: the reference loop runs the compiled model too
-                results = bench.compare()
-                ref_ms, ref_peak = results["reference"]
-                mim_ms, mim_peak = results["mim"]
-
-                print(
-                    f"| {name} | {batch} | {bench.precision} | {'yes' if compiled else 'no'} | {ref_ms:.1f} | "
-                    f"{mim_ms:.1f} | {ref_ms / mim_ms:.2f}x | {batch * 1000 / ref_ms:.1f} | "
-                    f"{batch * 1000 / mim_ms:.1f} | {mfu(flops, ref_ms, peak_tflops)} | {mfu(flops, mim_ms, peak_tflops)} | {ref_peak:.2f} | {mim_peak:.2f} |",
-                    flush=True,
-                )
-                if args.profile:
-                    profile_steps(
-                        bench, args.profile, f"{name}-b{batch}-{'compiled' if compiled else 'eager'}"
-                    )
-            del bench
-            if cuda:
-                torch.cuda.empty_cache()
+            for accum in args.accum:
+                for stage in args.zero_stage:
+                    bench = Bench(name, batch, accum, stage, args, device)
+                    flops = bench.step_flops() * accum if cuda else 0
+                    images = batch * accum * world_size
+                    shown_stage = f"{stage} (= {bench.stage})" if stage == "auto" else stage
+                    for compiled in compile_modes:
+                        if compiled:
+                            bench.compile()
+                        results = bench.compare()
+                        ref_ms, ref_peak = results["reference"]
+                        mim_ms, mim_peak = results["mim"]
+                        say(
+                            f"| {name} | {batch} x {accum} | {shown_stage} | {bench.precision} | "
+                            f"{'yes' if compiled else 'no'} | {ref_ms:.1f} | {mim_ms:.1f} | "
+                            f"{ref_ms / mim_ms:.2f}x | {images * 1000 / ref_ms:.1f} | "
+                            f"{images * 1000 / mim_ms:.1f} | {mfu(flops, ref_ms, peak_tflops)} | "
+                            f"{mfu(flops, mim_ms, peak_tflops)} | {ref_peak:.2f} | {mim_peak:.2f} |",
+                            flush=True,
+                        )
+                        if args.profile:  # every rank steps (collectives); rank 0 reports
+                            label = f"{name}-b{batch}x{accum}-z{stage}-{'compiled' if compiled else 'eager'}"
+                            profile_steps(bench, args.profile, label)
+                    del bench
+                    if cuda:
+                        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ over a plain PyTorch loop (benchmarks/pretrain_step.py measures the two side by 
 - bf16 is DeepSpeed's `torch_autocast` mode (fp32 weights, gradients and optimizer state, bf16
   matmuls), the same math as the official MAE loop; DeepSpeed's `bf16` section would keep bf16
   weights and check every gradient tensor for inf/NaN on every step.
-- ZeRO partitions nothing on one process: `zero_stage: auto` is stage 0 there (and the gradient
-  all-reduce over a world of one is skipped), stage 1 on several processes.
+- `zero_stage: auto` is the lowest stage whose model states (fp32 weights, gradients, optimizer
+  state) fit in half the device's memory (`choose_zero_stage`): stage 0 for every registered
+  model up to ViT-H on a 40 GB GPU, since partitioning what fits buys nothing and costs a
+  per-step tax. At stage 0 on several processes mim averages the gradients during backward
+  (engine.grad_sync); on one process there is nothing to average and no all-reduce runs.
 - DeepSpeed's throughput timer, which synchronises the device twice a step, is off; mim measures
   its own rate at log steps.
 - AdamW is torch's fused kernel wherever the device has one.
@@ -15,6 +18,7 @@ over a plain PyTorch loop (benchmarks/pretrain_step.py measures the two side by 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +38,14 @@ class EngineSettings:
     betas: tuple[float, float] = (0.9, 0.95)
     optimizer: str = "adamw"  # adamw | lars
     compile: bool | str = False  # true | false | auto (on CUDA only)
+    num_params: int = 0  # trainable parameters: what zero_stage auto has to fit
+    device_memory: int | None = None  # bytes per process for zero_stage auto; None: this device's
+
+    @property
+    def resolved_zero_stage(self) -> int:
+        return resolve_zero_stage(
+            self.zero_stage, self.world_size, self.num_params, self.device_memory, self.optimizer
+        )
 
 
 def resolve_precision(precision: str) -> str:
@@ -42,11 +54,57 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def resolve_zero_stage(zero_stage: int | str, world_size: int) -> int:
-    """auto: 0 on one process (nothing to partition), 1 on several."""
-    if zero_stage == "auto":
-        return 0 if world_size == 1 else 1
-    return int(zero_stage)
+MODEL_STATE_SHARE = 0.5  # of device memory for weights, gradients and optimizer state; the rest
+# is for activations, communication buckets and the allocator's slack
+
+
+def model_state_bytes(num_params: int, world_size: int, stage: int, optimizer: str = "adamw") -> float:
+    """Per process: fp32 weights (4 bytes a parameter), fp32 gradients (4) and optimizer state
+    (AdamW's two moments 8, LARS's momentum 4); stage 1 partitions the optimizer state over the
+    processes, stage 2 the gradients too (DeepSpeed keeps an fp32 copy of the partitioned
+    weights at stages 1 and 2: counted in the optimizer state's share)."""
+    optimizer_bytes = 8 if optimizer == "adamw" else 4
+    if stage == 0:
+        return num_params * (4 + 4 + optimizer_bytes)
+    if stage == 1:
+        return num_params * (4 + 4 + (4 + optimizer_bytes) / world_size)
+    return num_params * (4 + (4 + 4 + optimizer_bytes) / world_size)
+
+
+def device_memory_bytes() -> int:
+    """Memory one process may use: the GPU's, or this machine's RAM shared by its processes."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or 1)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local)
+
+
+def choose_zero_stage(num_params: int, world_size: int, device_memory: int, optimizer: str = "adamw") -> int:
+    """The lowest ZeRO stage whose model states fit in MODEL_STATE_SHARE of the device memory;
+    2 where none does (with one process there is nothing to partition: 0)."""
+    if world_size == 1:
+        return 0
+    budget = MODEL_STATE_SHARE * device_memory
+    for stage in (0, 1):
+        if model_state_bytes(num_params, world_size, stage, optimizer) <= budget:
+            return stage
+    return 2
+
+
+def resolve_zero_stage(
+    zero_stage: int | str,
+    world_size: int,
+    num_params: int = 0,
+    device_memory: int | None = None,
+    optimizer: str = "adamw",
+) -> int:
+    """The stage asked for; auto: `choose_zero_stage` for this model on this device."""
+    if zero_stage != "auto":
+        return int(zero_stage)
+    if world_size == 1:
+        return 0
+    memory = device_memory if device_memory is not None else device_memory_bytes()
+    return choose_zero_stage(num_params, world_size, memory, optimizer)
 
 
 def resolve_compile(compile_model: bool | str) -> bool:
@@ -64,7 +122,7 @@ def input_dtype(precision: str) -> torch.dtype:
 
 def deepspeed_config(settings: EngineSettings) -> dict:
     precision = resolve_precision(settings.precision)
-    zero_stage = resolve_zero_stage(settings.zero_stage, settings.world_size)
+    zero_stage = settings.resolved_zero_stage
     config = {
         "train_micro_batch_size_per_gpu": settings.micro_batch_size,
         "gradient_accumulation_steps": settings.accum_steps,
@@ -104,12 +162,23 @@ def build_engine(model: nn.Module, groups: list[dict], settings: EngineSettings)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(settings), dist_init_required=False
     )
-    if settings.world_size == 1 and resolve_zero_stage(settings.zero_stage, 1) == 0:
+    if settings.world_size == 1 and settings.resolved_zero_stage == 0:
         # An all-reduce over one process averages nothing but flattens and copies every gradient.
         engine.enable_backward_allreduce = False
+    # DeepSpeed's stage-0 zero_grad walks the module tree for its parameters on every step (a
+    # quarter of a millisecond at the debug model, a tenth of its step); the list does not change.
+    engine.zero_grad = _grads_to_none(list(model.parameters()))
     if resolve_compile(settings.compile):
         engine.compile()
     return engine
+
+
+def _grads_to_none(parameters: list[nn.Parameter]):
+    def zero_grad() -> None:
+        for parameter in parameters:
+            parameter.grad = None
+
+    return zero_grad
 
 
 def engine_param_groups(engine) -> list[dict]:
@@ -120,6 +189,6 @@ def engine_param_groups(engine) -> list[dict]:
 def engine_description(settings: EngineSettings) -> dict:
     """What a checkpoint's optimizer state depends on: a resume needs the same."""
     return {
-        "zero_stage": resolve_zero_stage(settings.zero_stage, settings.world_size),
+        "zero_stage": settings.resolved_zero_stage,
         "precision": resolve_precision(settings.precision),
     }

@@ -16,19 +16,28 @@ from collections.abc import Callable
 
 import torch
 
-from mim.engine.deepspeed_engine import EngineSettings, engine_param_groups, resolve_zero_stage
+from mim.engine.deepspeed_engine import EngineSettings, engine_param_groups
+from mim.engine.grad_sync import GradientSync
 from mim.engine.schedule import apply_lr
 
 
 class StepRunner:
-    def __init__(self, engine, settings: EngineSettings, device: torch.device) -> None:
+    def __init__(
+        self, engine, settings: EngineSettings, device: torch.device, overlap_all_reduce: bool = True
+    ) -> None:
+        """`overlap_all_reduce`: at stage 0 on several processes, mim's GradientSync averages the
+        gradients during backward instead of DeepSpeed after it (False: DeepSpeed's, to measure)."""
         self.engine, self.device = engine, device
         self.accum_steps = settings.accum_steps
         self.grad_clip = settings.grad_clip
         # ZeRO keeps gradients in its own partitions and computes their norm itself; at stage 0
         # they are the parameters' .grad and the norm is ours.
-        self.own_grad_norm = resolve_zero_stage(settings.zero_stage, settings.world_size) == 0
+        self.own_grad_norm = settings.resolved_zero_stage == 0
         self.parameters = [p for p in engine.module.parameters() if p.requires_grad]
+        self.grad_sync = None
+        if self.own_grad_norm and settings.world_size > 1 and overlap_all_reduce:
+            self.grad_sync = GradientSync(self.parameters, settings.world_size)
+            engine.enable_backward_allreduce = False
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.grad_norm: torch.Tensor | None = None  # of the last step; None where none was computed
 
@@ -42,9 +51,14 @@ class StepRunner:
         apply_lr(engine_param_groups(self.engine), lr)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accum_steps):
+            last = micro == self.accum_steps - 1
+            if last and self.grad_sync is not None:
+                self.grad_sync.arm()
             loss = micro_loss(micro)
-            self.engine.backward(loss)
-            if micro == self.accum_steps - 1 and self.own_grad_norm and (want_norm or self.grad_clip):
+            self.engine.backward(loss if self.grad_sync is None else loss * self.grad_sync.loss_scale)
+            if last and self.grad_sync is not None:
+                self.grad_sync.finish()
+            if last and self.own_grad_norm and (want_norm or self.grad_clip):
                 self.grad_norm = self.norm_and_clip()
             self.engine.step()
             loss_sum += loss.detach().float()

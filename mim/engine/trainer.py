@@ -84,12 +84,19 @@ class Trainer:
             micro_batch_size=config.data.batch_size,
             accum_steps=config.optim.accum_steps,
             world_size=env.world_size,
-            zero_stage=config.deepspeed.zero_stage,
+            zero_stage=self.zero_stage_of_run(config.deepspeed.zero_stage),
             precision=config.deepspeed.precision,
             grad_clip=config.optim.grad_clip,
             betas=tuple(config.optim.betas),
             optimizer=optimizer,
             compile=config.deepspeed.compile,
+            num_params=sum(p.numel() for group in groups for p in group["params"]),
+        )
+        log.info(
+            "ZeRO stage %d (deepspeed.zero_stage=%s, %d process(es))",
+            self.engine_settings.resolved_zero_stage,
+            config.deepspeed.zero_stage,
+            env.world_size,
         )
         self.engine = build_engine(model, groups, self.engine_settings)
         self.runner = StepRunner(self.engine, self.engine_settings, device)
@@ -126,6 +133,16 @@ class Trainer:
             "data": {"train": self.config.data.train, "num_samples": self.shards.num_samples},
         }
 
+    def zero_stage_of_run(self, zero_stage: int | str) -> int | str:
+        """`auto` keeps the stage a run's checkpoints were written at, so a run started when `auto`
+        chose another stage still resumes; any other setting is taken as it is."""
+        latest = checkpoint.latest_checkpoint(self.run_dir) if zero_stage == "auto" else None
+        if latest is None:
+            return zero_stage
+        written = checkpoint.read_meta(latest).get("engine", {}).get("zero_stage", 1)
+        log.info("deepspeed.zero_stage=auto: ZeRO stage %d, the stage %s was written at", written, latest)
+        return int(written)
+
     def check_resumable(self, meta: dict, path: Path) -> None:
         if meta.get("stage") != self.stage:
             raise ConfigError(
@@ -142,7 +159,7 @@ class Trainer:
                 f"cannot resume from {path}: its optimizer state was written at ZeRO stage "
                 f"{theirs.get('zero_stage')}, this run uses stage {ours['zero_stage']} "
                 f"(deepspeed.zero_stage={self.config.deepspeed.zero_stage} on {self.env.world_size} "
-                f"process(es)); set deepspeed.zero_stage={theirs.get('zero_stage')} to resume it, "
+                f"process(es)); set deepspeed.zero_stage={theirs.get('zero_stage')} (or auto) to resume it, "
                 "or use a new run.dir"
             )
 

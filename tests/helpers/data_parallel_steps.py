@@ -37,6 +37,10 @@ def main() -> None:
     )
     engine = build_engine(model, param_groups(model, 0.05), settings)
     runner = StepRunner(engine, settings, device)
+    if (
+        env.world_size > 1 and settings.resolved_zero_stage == 0
+    ):  # mim's overlapped all-reduce, not DeepSpeed's too
+        assert runner.grad_sync is not None and engine.enable_backward_allreduce is False
     data = torch.Generator().manual_seed(123)
     for step in range(STEPS):
         images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=data)

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from mim.config import ConfigError, PretrainConfig, load_config, write_config
+from mim.engine.deepspeed_engine import EngineSettings, choose_zero_stage, deepspeed_config, model_state_bytes
 from mim.recipe import check_pretrain, make_plan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,3 +153,35 @@ def test_resolved_config_round_trips(tmp_path):
     write_config(config, tmp_path / "config.yaml")
     assert load_config(PretrainConfig, tmp_path / "config.yaml", []) == config
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["init"] == {"from": ""}
+
+
+GB = 10**9
+
+
+@pytest.mark.parametrize(
+    "num_params, world_size, device_memory, expected",
+    [
+        (632_000_000, 8, 80 * GB, 0),  # ViT-H: 10 GB of fp32 weights, gradients and AdamW state
+        (632_000_000, 1, 8 * GB, 0),  # one process: nothing to partition
+        (2_600_000_000, 8, 80 * GB, 1),  # 41.6 GB at stage 0, 24.7 GB at stage 1
+        (7_000_000_000, 64, 80 * GB, 2),  # 57.3 GB at stage 1, 29.8 GB at stage 2
+        (7_000_000_000, 2, 80 * GB, 2),  # fits nowhere: the most that exists
+    ],
+)
+def test_zero_stage_auto_is_the_lowest_stage_whose_model_states_fit(
+    num_params, world_size, device_memory, expected
+):
+    assert choose_zero_stage(num_params, world_size, device_memory) == expected
+    settings = EngineSettings(
+        8, 1, world_size, "auto", "fp32", None, num_params=num_params, device_memory=device_memory
+    )
+    assert settings.resolved_zero_stage == expected
+    assert deepspeed_config(settings)["zero_optimization"]["stage"] == expected
+    assert EngineSettings(8, 1, world_size, 1, "fp32", None, num_params=num_params).resolved_zero_stage == 1
+
+
+def test_model_state_bytes_per_stage():
+    assert model_state_bytes(10, 2, 0) == 160  # 4 + 4 + 8 bytes a parameter
+    assert model_state_bytes(10, 2, 1) == 80 + 60  # weights and gradients whole; fp32 copy + moments halved
+    assert model_state_bytes(10, 2, 2) == 40 + 80
+    assert model_state_bytes(10, 2, 0, "lars") == 120
