@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import os
 import resource
 import statistics
@@ -74,6 +75,13 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument("--accum", nargs="+", type=int, default=[1], help="micro-batches per step")
     parser.add_argument("--nproc", type=int, default=1, help="ranks to launch on this machine")
+    parser.add_argument(
+        "--zero-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a DeepSpeed zero_optimization option for stages 1 and 2 (JSON value), e.g. overlap_comm=true",
+    )
     parser.add_argument(
         "--compile",
         default="auto",
@@ -144,6 +152,9 @@ class Bench:
             precision=args.precision,
             grad_clip=None,
             num_params=sum(p.numel() for p in self.model.parameters()),
+            zero_options=tuple(
+                (key, json.loads(value)) for key, _, value in (o.partition("=") for o in args.zero_option)
+            ),
         )
         self.stage = self.settings.resolved_zero_stage
         shared = self.stage == 0
@@ -280,6 +291,7 @@ def main() -> None:
     say(
         f"device: {where}; torch {torch.__version__}; {world_size} rank(s), {torch.get_num_threads()} "
         f"thread(s) each; reference: {reference}; {args.rounds} rounds x {args.steps} steps"
+        + (f"; zero_optimization {' '.join(args.zero_option)}" if args.zero_option else "")
         + (f"; bf16 matmul peak {peak_tflops:.0f} TFLOP/s" if peak_tflops else ""),
         flush=True,
     )

@@ -87,7 +87,9 @@ class ScheduleConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int | str = "auto"  # 0 | 1 | 2 | auto: 0 on one process (nothing to partition), 1 on several
+    zero_stage: int | str = (
+        "auto"  # 0 | 1 | 2 | auto: the lowest whose model states fit half the device memory
+    )
     precision: str = "auto"  # auto: bf16 (autocast, fp32 weights) on CUDA, fp32 elsewhere
     compile: bool | str = "auto"  # torch.compile the model; auto: on CUDA (on the CPU it does not pay)
 

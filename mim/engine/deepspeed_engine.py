@@ -40,6 +40,7 @@ class EngineSettings:
     compile: bool | str = False  # true | false | auto (on CUDA only)
     num_params: int = 0  # trainable parameters: what zero_stage auto has to fit
     device_memory: int | None = None  # bytes per process for zero_stage auto; None: this device's
+    zero_options: tuple[tuple[str, object], ...] = ()  # extra zero_optimization keys (benchmarks)
 
     @property
     def resolved_zero_stage(self) -> int:
@@ -127,7 +128,7 @@ def deepspeed_config(settings: EngineSettings) -> dict:
         "train_micro_batch_size_per_gpu": settings.micro_batch_size,
         "gradient_accumulation_steps": settings.accum_steps,
         "train_batch_size": settings.micro_batch_size * settings.accum_steps * settings.world_size,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero_optimization(zero_stage, settings.zero_options),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,  # mim logs by itself
         "wall_clock_breakdown": False,
@@ -142,6 +143,21 @@ def deepspeed_config(settings: EngineSettings) -> dict:
     # the partitions it owns. Always said: DeepSpeed's own default is to clip at 1.0.
     config["gradient_clipping"] = settings.grad_clip if settings.grad_clip and zero_stage > 0 else 0.0
     return config
+
+
+def zero_optimization(stage: int, options: tuple[tuple[str, object], ...] = ()) -> dict:
+    """DeepSpeed's ZeRO section. Stage 1 keeps whole gradients in each parameter's .grad, so
+    DeepSpeed's contiguous_gradients buys no memory there; it only adds a Python hook per
+    parameter on every backward (README: Speed, `--zero-option contiguous_gradients=false`).
+    Stage 2 keeps it (DeepSpeed's default):
+    it keeps partitioned gradients from fragmenting GPU memory in the large models that auto
+    sends there. The gradient norm is switched per step by StepRunner."""
+    section: dict = {"stage": stage}
+    if stage == 1:
+        section["contiguous_gradients"] = False
+    if stage > 0:
+        section.update(options)
+    return section
 
 
 def make_optimizer(groups: list[dict], settings: EngineSettings) -> torch.optim.Optimizer:

@@ -1,13 +1,14 @@
 """One optimizer step through the DeepSpeed engine, exactly as every training stage runs it (and
 as benchmarks/pretrain_step.py times it): the lr of the schedule, `accum_steps` micro-batches of
-forward and backward, the gradient norm (and, at ZeRO stage 0, the clipping), `engine.step()`.
+forward and backward (at stage 0 on several processes, the gradients averaged during the last
+backward: engine.grad_sync), the gradient norm (and, at ZeRO stage 0, the clipping), `engine.step()`.
 
 The step's health is recorded on the device from values the step computes anyway: the loss on
-every step, the gradient norm where it is computed (ZeRO computes it on every step; at stage 0
-mim computes it where it clips, and on the steps that are logged). Nothing here waits for the
-device. The trainer reads the health at log and checkpoint steps, and checks the weights before
-a checkpoint (a non-finite gradient between logged steps leaves non-finite weights), so a bad
-step never reaches a checkpoint.
+every step, the gradient norm where it is computed (where it clips, and on the steps that are
+logged: by mim at stage 0, by ZeRO at stages 1 and 2). Nothing here waits for the device. The
+trainer reads the health at log and checkpoint steps, and checks the weights before a checkpoint
+(a non-finite gradient between logged steps leaves non-finite weights), so a bad step never
+reaches a checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class StepRunner:
         self.own_grad_norm = settings.resolved_zero_stage == 0
         self.parameters = [p for p in engine.module.parameters() if p.requires_grad]
         self.grad_sync = None
+        self.zero_norm_switch = not self.own_grad_norm and hasattr(engine.optimizer, "compute_grad_norm")
         if self.own_grad_norm and settings.world_size > 1 and overlap_all_reduce:
             self.grad_sync = GradientSync(self.parameters, settings.world_size)
             engine.enable_backward_allreduce = False
@@ -60,6 +62,10 @@ class StepRunner:
                 self.grad_sync.finish()
             if last and self.own_grad_norm and (want_norm or self.grad_clip):
                 self.grad_norm = self.norm_and_clip()
+            if last and self.zero_norm_switch:
+                # ZeRO computes the norm (per-tensor norms, an all-reduce, a host read) only where
+                # it clips or the norm is read, as stage 0 does.
+                self.engine.optimizer.compute_grad_norm = bool(want_norm or self.grad_clip)
             self.engine.step()
             loss_sum += loss.detach().float()
         if not self.own_grad_norm:

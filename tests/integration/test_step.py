@@ -146,9 +146,13 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_recorded_at_its_step(device
     assert runner.first_bad() == 2  # the first bad step is kept
 
 
-def test_a_non_finite_gradient_on_an_unlogged_step_leaves_weights_the_checkpoint_check_refuses(device):
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_a_non_finite_gradient_on_an_unlogged_step_leaves_weights_the_checkpoint_check_refuses(
+    device, zero_stage
+):
+    """No norm is computed on unlogged, unclipped steps (ZeRO's per-step norm and host read off)."""
     model = SqrtOfZero()
-    config = settings(0, batch=1)
+    config = settings(zero_stage, batch=1)
     engine = build_engine(model, param_groups(model, 0.0), config)
     runner = StepRunner(engine, config, device)
     runner.run(1, 1e-3, lambda micro: engine(torch.zeros(())), want_norm=False)
