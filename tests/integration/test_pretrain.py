@@ -114,10 +114,11 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, zero_stag
             assert torch.allclose(expected, got, rtol=1e-5, atol=1e-6), key
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_compiled_model_on_two_ranks_matches_eager_on_one(tmp_path, zero_stage):
-    """torch.compile (inductor on the CPU) under ZeRO 1/2 with 2 gloo ranks: same weights as the
-    eager one-rank run to float round-off (the compiled kernels sum in another order)."""
+    """torch.compile (inductor on the CPU) under ZeRO 0/1/2 with 2 gloo ranks (at stage 0 mim's
+    gradient hooks sit on the compiled model's parameters): same weights as the eager one-rank
+    run to float round-off (the compiled kernels sum in another order)."""
     eager = _data_parallel(tmp_path / "eager.safetensors", 1, zero_stage)
     compiled = _data_parallel(tmp_path / "compiled.safetensors", 2, zero_stage, compile_model=True)
     assert eager.keys() == compiled.keys()
