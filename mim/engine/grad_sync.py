@@ -73,14 +73,15 @@ class GradientSync:
 
     def _start(self, bucket: _Bucket) -> None:
         grads = [p.grad for p in bucket.parameters]
-        if any(grad is None for grad in grads):  # only from finish(): a parameter backward never reached
-            for grad, view in zip(grads, bucket.views, strict=True):
+        pairs = list(zip(grads, bucket.views, strict=True))
+        if all(grad is not None and not grad.is_set_to(view) for grad, view in pairs):
+            torch.cat([grad.reshape(-1) for grad in grads], out=bucket.flat)  # the usual case: one copy
+        else:  # a parameter backward never reached (from finish()), or a .grad still the bucket's view
+            for grad, view in pairs:  # (an optimizer that zeroes .grad in place instead of dropping it)
                 if grad is None:
                     view.zero_()
-                else:
+                elif not grad.is_set_to(view):
                     view.copy_(grad)
-        else:
-            torch.cat([grad.reshape(-1) for grad in grads], out=bucket.flat)
         self.handles.append(dist.all_reduce(bucket.flat, async_op=True))
         self.next_to_start += 1
 

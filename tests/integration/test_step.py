@@ -198,6 +198,16 @@ def test_gradient_sync_starts_buckets_during_backward_and_leaves_the_summed_grad
         else:
             assert torch.allclose(expected.grad, got.grad, rtol=1e-6, atol=1e-7), name
     flats = {bucket.flat.data_ptr() for bucket in sync.buckets}
-    assert all(
-        p.grad.untyped_storage().data_ptr() in flats for p in model.parameters()
-    )  # views, no copy back
+    assert all(p.grad.untyped_storage().data_ptr() in flats for p in model.parameters())  # no copy back
+    # an optimizer that zeroes .grad in place (set_to_none=False) leaves the views as the .grad
+    for parameters in (model.parameters(), reference.parameters()):
+        for p in parameters:
+            if p.grad is not None:
+                p.grad.zero_()
+    sync.arm()
+    model(inputs[0]).backward()
+    sync.finish()
+    reference(inputs[0]).backward()
+    for (name, expected), got in zip(reference.named_parameters(), model.parameters(), strict=True):
+        if name != "unused":
+            assert torch.allclose(expected.grad, got.grad, rtol=1e-6, atol=1e-7), name
