@@ -149,9 +149,9 @@ def zero_optimization(stage: int, options: tuple[tuple[str, object], ...] = ()) 
     """DeepSpeed's ZeRO section. Stage 1 keeps whole gradients in each parameter's .grad, so
     DeepSpeed's contiguous_gradients buys no memory there; it only adds a Python hook per
     parameter on every backward (README: Speed, `--zero-option contiguous_gradients=false`).
-    Stage 2 keeps it (DeepSpeed's default):
-    it keeps partitioned gradients from fragmenting GPU memory in the large models that auto
-    sends there. The gradient norm is switched per step by StepRunner."""
+    Stage 2 keeps it (DeepSpeed's default): it keeps partitioned gradients from fragmenting GPU
+    memory in the large models that auto sends there. The gradient norm is switched per step by
+    StepRunner."""
     section: dict = {"stage": stage}
     if stage == 1:
         section["contiguous_gradients"] = False
@@ -182,7 +182,7 @@ def build_engine(model: nn.Module, groups: list[dict], settings: EngineSettings)
         # An all-reduce over one process averages nothing but flattens and copies every gradient.
         engine.enable_backward_allreduce = False
     # DeepSpeed's stage-0 zero_grad walks the module tree for its parameters on every step (a
-    # quarter of a millisecond at the debug model, a tenth of its step); the list does not change.
+    # measurable share of a small model's step: README, Speed); the list does not change.
     engine.zero_grad = _grads_to_none(list(model.parameters()))
     if resolve_compile(settings.compile):
         engine.compile()
