@@ -196,7 +196,8 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
         raise ConfigError(f"data.train: {error}") from None
     require(
         shards.num_samples is not None or config.data.samples_per_epoch is not None,
-        f"data.train {config.data.train!r} has no _info.json with sample counts: set data.samples_per_epoch",
+        f"data.train {config.data.train!r} has no sample counts (an _info.json, info.json, sizes.json or "
+        "img2dataset's *_stats.json): set data.samples_per_epoch",
     )
     return arch, shards
 

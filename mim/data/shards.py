@@ -22,12 +22,12 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 
+from mim.data.indexes import INDEX_FILES, parse_index, split_of, stats_count, stats_name
 from mim.data.reading import DEFAULT_READ, ReadPolicy, ShardUnreadable, is_remote, read_bytes, stream_samples
 from mim.data.sources import Record, Source
 from mim.errors import UserInputError
 
 log = logging.getLogger(__name__)
-INFO_FILE = "_info.json"
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def write_info(
             }
         },
     }
-    path = out_dir / INFO_FILE
+    path = out_dir / INDEX_FILES[0]
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(info, indent=1))
     temporary.replace(path)
@@ -195,25 +195,35 @@ def write_info(
 
 
 def open_shards(spec: str, read: ReadPolicy = DEFAULT_READ) -> ShardSet:
-    """A shard directory (with _info.json, or any *.tar), an _info.json file, or a brace pattern;
-    remote: an http(s) URL of an _info.json (or of the directory holding it, ending in /), or a
-    brace pattern of http(s) URLs or `pipe:` commands."""
+    """A shard directory (with an index, or any *.tar), an index file, or a brace pattern;
+    remote: an http(s) URL of an index (or of the directory holding its _info.json, ending in /),
+    or a brace pattern of http(s) URLs or `pipe:` commands. `SHARDS::SPLIT` picks a split of a
+    timm-style index. Indexes: see mim.data.indexes; without one, img2dataset's per-shard stats
+    give the counts where they are beside the shards."""
     if not spec:
         raise UserInputError(
             "no shards given (set data.train / data.val to a shard directory, _info.json or pattern)"
         )
+    spec, split = split_of(spec)
     if is_remote(spec):
-        return _open_remote(spec, read)
+        return _open_remote(spec, split, read)
+    return _open_local(spec, split, read)
+
+
+def _open_local(spec: str, split: str | None, read: ReadPolicy) -> ShardSet:
     path = Path(spec)
     if path.is_dir():
-        if (path / INFO_FILE).is_file():
-            return _from_info(path / INFO_FILE, read)
-        urls = sorted(str(p) for p in path.glob("*.tar"))
+        index = next((path / name for name in INDEX_FILES if (path / name).is_file()), None)
+        if index is not None:
+            return _from_index(index, split, read)
+        urls = sorted(str(p.absolute()) for p in path.glob("*.tar"))
         if not urls:
-            raise FileNotFoundError(f"shard directory {path} holds no {INFO_FILE} and no .tar files")
-        return ShardSet(urls, None, [], read)
+            raise FileNotFoundError(
+                f"shard directory {path} holds no index ({', '.join(INDEX_FILES)}) and no .tar files"
+            )
+        return _with_stats(urls, read, split)
     if path.is_file() and path.suffix == ".json":
-        return _from_info(path, read)
+        return _from_index(path, split, read)
     urls = list(braceexpand.braceexpand(spec))
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
@@ -221,79 +231,53 @@ def open_shards(spec: str, read: ReadPolicy = DEFAULT_READ) -> ShardSet:
             f"shard pattern {spec!r} names {len(missing)} missing file(s), e.g. {missing[0]!r}"
             " (expected a shard directory, an _info.json, or a brace pattern of existing .tar files)"
         )
-    return ShardSet(urls, None, [], read)
+    return _with_stats(urls, read, split)
 
 
-def _open_remote(spec: str, read: ReadPolicy) -> ShardSet:
+def _open_remote(spec: str, split: str | None, read: ReadPolicy) -> ShardSet:
     if spec.startswith(("http://", "https://")) and (spec.endswith("/") or spec.endswith(".json")):
-        info_url = spec + INFO_FILE if spec.endswith("/") else spec
+        info_url = spec + INDEX_FILES[0] if spec.endswith("/") else spec
         try:
             text = read_bytes(info_url, read)
         except ShardUnreadable as error:
             raise UserInputError(f"cannot read the shard index {error}") from None
-        return _parse_info(text, info_url, lambda name: _remote_entry(info_url, name), read)
+        index = parse_index(text, info_url, split)
+        return ShardSet(
+            [urllib.parse.urljoin(info_url, n) for n in index.names], index.lengths, index.classes, read
+        )
     urls = list(braceexpand.braceexpand(spec))
-    return ShardSet(urls, None, [], read)
+    return _with_stats(urls, read, split)
 
 
-def _from_info(info_path: Path, read: ReadPolicy = DEFAULT_READ) -> ShardSet:
-    directory = info_path.parent.absolute()  # absolute: no entry can come out as `pipe:...`
-    shards = _parse_info(
-        info_path.read_bytes(), str(info_path), lambda name: _local_entry(directory, name), read
-    )
-    missing = [u for u in shards.urls if not Path(u).is_file()]
+def _from_index(path: Path, split: str | None, read: ReadPolicy) -> ShardSet:
+    directory = path.parent.absolute()  # absolute: no entry can come out as `pipe:...`
+    index = parse_index(path.read_bytes(), str(path), split)
+    urls = [str(directory / name) for name in index.names]
+    missing = [u for u in urls if not Path(u).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{info_path} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}"
-        )
-    return shards
+        raise FileNotFoundError(f"{path} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}")
+    return ShardSet(urls, index.lengths, index.classes, read)
 
 
-class UnsafeEntry(ValueError):
-    """A shard name in an index that would lead outside the index's own data."""
-
-
-def _checked_name(name: object) -> str:
-    """A shard name from an index: a relative path (no scheme, no host, no `..`, not absolute), so
-    an index only ever names data beside or below itself, never a command (`pipe:`) or a file
-    elsewhere (`file:`, `/etc/...`, `../`)."""
-    if not isinstance(name, str) or not name:
-        raise UnsafeEntry(f"{name!r} is not a file name")
-    decoded = urllib.parse.unquote(name).replace("\\", "/")
-    parts = urllib.parse.urlsplit(decoded)
-    if parts.scheme or parts.netloc or decoded.startswith("/"):
-        raise UnsafeEntry(
-            f"{name!r} is not a relative path (an index may not name URLs, commands or absolute paths)"
-        )
-    if ".." in decoded.split("/"):
-        raise UnsafeEntry(f"{name!r} climbs out of the index's directory ('..')")
-    if parts.query or parts.fragment:
-        raise UnsafeEntry(f"{name!r} has a query or fragment")
-    return name
-
-
-def _remote_entry(info_url: str, name: object) -> str:
-    return urllib.parse.urljoin(info_url, _checked_name(name))
-
-
-def _local_entry(directory: Path, name: object) -> str:
-    return str(directory / _checked_name(name))
-
-
-def _parse_info(text: bytes, where: str, locate: Callable[[str], str], read: ReadPolicy) -> ShardSet:
-    try:
-        info = json.loads(text)
-        shards = info["shards"]
-        urls = [locate(shard["name"]) for shard in shards]
-        lengths = [int(shard["num_samples"]) for shard in shards]
-    except UnsafeEntry as error:
-        raise UserInputError(
-            f"{where}: shard entry {error}; an index names shards relative to "
-            "itself (e.g. train-000000.tar); write a pipe: or URL pattern in data.* instead"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
-        raise UserInputError(f"{where} is not a mim shard index ({error!r})") from None
-    return ShardSet(urls, lengths, list(info.get("classes", [])), read)
+def _with_stats(urls: list[str], read: ReadPolicy, split: str | None) -> ShardSet:
+    """Shards without an index; their counts from img2dataset's stats files where every shard has
+    one (remote: looked for beside the first shard only, so a pattern without them costs one request)."""
+    if split is not None:
+        raise UserInputError(f"::{split} picks a split of an index, but {urls[:1]} ... have none")
+    names = [stats_name(u) for u in urls]
+    if not urls or None in names or urls[0].startswith("pipe:"):
+        return ShardSet(urls, None, [], read)
+    if is_remote(urls[0]):
+        try:
+            first = read_bytes(names[0], ReadPolicy(attempts=1, wait=0.0, timeout=read.timeout))
+        except ShardUnreadable:
+            return ShardSet(urls, None, [], read)
+        texts = [first] + [read_bytes(name, read) for name in names[1:]]
+    elif all(Path(name).is_file() for name in names):
+        texts = [Path(name).read_bytes() for name in names]
+    else:
+        return ShardSet(urls, None, [], read)
+    return ShardSet(urls, [stats_count(t, n) for t, n in zip(texts, names, strict=True)], [], read)
 
 
 def count_samples(url: str, read: ReadPolicy = DEFAULT_READ) -> int:

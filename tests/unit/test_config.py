@@ -121,7 +121,9 @@ def test_impossible_combinations_fail_before_work(tmp_path, jpeg_shards, overrid
 def test_missing_shards_and_bad_run_dir(tmp_path, jpeg_shards):
     with pytest.raises(ConfigError, match="data.train: .*missing"):
         _checked(tmp_path, shards=tmp_path / "train-{000000..000003}.tar")
-    with pytest.raises(ConfigError, match="no _info.json and no .tar"):
+    with pytest.raises(
+        ConfigError, match=r"holds no index \(_info.json, info.json, sizes.json\) and no .tar files"
+    ):
         (tmp_path / "empty").mkdir()
         _checked(tmp_path, shards=tmp_path / "empty")
     (tmp_path / "file").write_text("x")

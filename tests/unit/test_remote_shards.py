@@ -82,7 +82,7 @@ def test_an_info_json_by_url_lists_remote_shards_with_their_counts(server, fmnis
     with pytest.raises(ValueError, match="cannot read the shard index .*HTTP 404"):
         open_shards(f"{server.url}/nowhere/_info.json", FAST)
     (fmnist_shards["train"].parent / "bad.json").write_text(json.dumps({"shards": 3}))
-    with pytest.raises(ValueError, match="is not a mim shard index"):
+    with pytest.raises(ValueError, match="is not a shard index mim reads"):
         open_shards(f"{server.url}/bad.json", FAST)
 
 
