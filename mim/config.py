@@ -19,6 +19,9 @@ import yaml
 
 from mim.errors import UserInputError
 
+DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp;bmp;gif;tif;tiff;ppm"  # data.image_key (mim.data.members)
+DEFAULT_LABEL_KEY = "cls"  # data.label_key: what `mim shards` writes
+
 
 class ConfigError(UserInputError):
     """A user's config is wrong: the message names the key, the value and what was expected."""
@@ -66,6 +69,8 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples is unreadable
     reduced_decode: bool = True  # JPEGs decode at 1/2, 1/4, 1/8 scale where the crop stays >= img_size
+    image_key: str = DEFAULT_IMAGE_KEY  # the sample's image: the first member present of these (;-separated)
+    label_key: str = DEFAULT_LABEL_KEY  # the label: a member (cls) or json:FIELD of the sample's .json
 
 
 @dataclass

@@ -19,6 +19,7 @@ from mim.config import (
     ScheduleConfig,
     require,
 )
+from mim.data.members import check_keys
 from mim.data.reading import ReadPolicy, ShardUnreadable
 from mim.data.shards import ShardSet, open_shards, with_lengths
 from mim.data.streams import spread_subset
@@ -94,6 +95,7 @@ def check_model(model_config: Any) -> dict[str, Any]:
 
 def check_data(data: DataConfig, in_chans: int) -> None:
     require(data.batch_size >= 1, f"data.batch_size must be at least 1, got {data.batch_size}")
+    check_keys(data.image_key, data.label_key)
     require(data.num_workers >= 0, f"data.num_workers must be 0 or more, got {data.num_workers}")
     require(
         len(data.crop_scale) == 2 and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1,

@@ -68,6 +68,8 @@ def run(stage: str, argv: list[str] | None, description: str) -> int:
         needs_label=True,
         randaug=config.augment.randaug if stage == "finetune" else "",
         reduced_decode=config.data.reduced_decode,
+        image_key=config.data.image_key,
+        label_key=config.data.label_key,
     )
     description = {
         "backbone": inputs.weights.source if inputs.weights else "random init (init.from=none)",

@@ -56,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(env.rank)
     device = init_distributed(env)
     backbone = model.backbone.to(device).eval()
-    spec = ViewSpec(inputs.arch["img_size"], "L" if inputs.arch["in_chans"] == 1 else "RGB", needs_label=True)
+    spec = ViewSpec(
+        inputs.arch["img_size"],
+        "L" if inputs.arch["in_chans"] == 1 else "RGB",
+        needs_label=True,
+        image_key=config.data.image_key,
+        label_key=config.data.label_key,
+    )
 
     def features_of(images: torch.Tensor) -> torch.Tensor:
         return backbone(normalize_on_device(images, config.data.mean, config.data.std))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mim import checkpoint
+from mim.config import DEFAULT_IMAGE_KEY
 from mim.data.shards import open_shards
 from mim.data.streams import ViewSpec, first_images
 from mim.errors import UserInputError
@@ -38,6 +39,11 @@ def images_to_show(shards: str, spec: ViewSpec, count: int) -> torch.Tensor:
     return torch.stack(images)
 
 
+def image_key(args: argparse.Namespace, meta: dict) -> str:
+    """--image-key, else the run's data.image_key, else the default."""
+    return args.image_key or meta.get("config", {}).get("data", {}).get("image_key") or DEFAULT_IMAGE_KEY
+
+
 def reconstructions(args: argparse.Namespace) -> str:
     source = find_checkpoint(args.source)
     meta = checkpoint.read_meta(source)
@@ -49,7 +55,9 @@ def reconstructions(args: argparse.Namespace) -> str:
     arch = meta["model"]["arch"]
     model = create_model(meta["model"]["name"], **arch)
     model.load_state_dict(checkpoint.load_weights(source))
-    spec = ViewSpec(arch["img_size"], "L" if arch["in_chans"] == 1 else "RGB")
+    spec = ViewSpec(
+        arch["img_size"], "L" if arch["in_chans"] == 1 else "RGB", image_key=image_key(args, meta)
+    )
     images = images_to_show(args.data or meta["config"]["data"]["train"], spec, args.num_images)
     mask_ratio = args.mask_ratio or meta["config"]["model"]["mask_ratio"]
     save_png(reconstruction_grid(model, images, meta["mean"], meta["std"], mask_ratio, args.seed), args.out)
@@ -82,7 +90,8 @@ def attention(args: argparse.Namespace) -> str:
     shards = args.data or data_config.get("train")
     if not shards:
         raise UserInputError(f"{weights.source} does not say which images it saw: pass --data SHARDS")
-    spec = ViewSpec(weights.arch["img_size"], "L" if weights.arch["in_chans"] == 1 else "RGB")
+    mode = "L" if weights.arch["in_chans"] == 1 else "RGB"
+    spec = ViewSpec(weights.arch["img_size"], mode, image_key=image_key(args, meta))
     images = images_to_show(shards, spec, args.num_images)
     save_png(attention_grid(encoder, images, mean, std, block), args.out)
     return (
@@ -100,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", action="store_true", help="cls-token attention maps per head")
     parser.add_argument("--block", type=int, default=-1, help="--attention: the block (default: the last)")
     parser.add_argument("--data", help="shards to take the images from (default: the run's training shards)")
+    parser.add_argument(
+        "--image-key", help="the image member(s), ;-separated (default: the run's data.image_key)"
+    )
     parser.add_argument("--num-images", type=int, default=8)
     parser.add_argument("--mask-ratio", type=float, default=None, help="default: the run's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")

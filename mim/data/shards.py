@@ -293,10 +293,3 @@ def with_lengths(shards: ShardSet) -> ShardSet:
         return shards
     lengths = [count_samples(u, shards.read) for u in shards.urls]
     return ShardSet(shards.urls, lengths, shards.classes, shards.read)
-
-
-def encoded_image(sample: dict) -> tuple[str, bytes] | None:
-    for key, value in sample.items():
-        if not key.startswith("__") and key != "cls" and isinstance(value, bytes | bytearray):
-            return key, value
-    return None

@@ -27,13 +27,16 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mim.data.members import DEFAULT_IMAGE_KEY, DEFAULT_LABEL_KEY, missing_label, sample_image, sample_label
 from mim.data.reading import ReadPolicy, ShardUnreadable, basename, stream_samples
-from mim.data.shards import ShardSet, encoded_image
+from mim.data.shards import ShardSet
 from mim.data.transforms import BadSample, eval_view, train_view
 from mim.errors import TrainingStopped
 
 log = logging.getLogger(__name__)
 MAX_EMPTY_CHUNKS = 10
+ALL_BAD_SAMPLES = 256  # a worker whose first this many samples are all unusable stops the run
+LOGGED_BAD_PER_SHARD = 3  # then bad samples of that shard are counted, not logged one by one
 
 
 def derived_seed(*parts: int) -> int:
@@ -50,27 +53,25 @@ class ViewSpec:
     needs_label: bool = False
     randaug: str = ""  # a timm RandAugment string applied after the crop (fine-tuning)
     reduced_decode: bool = True  # JPEGs decode at a reduced DCT scale where the crop allows
+    image_key: str = DEFAULT_IMAGE_KEY  # data.image_key (mim.data.members)
+    label_key: str = DEFAULT_LABEL_KEY  # data.label_key
 
 
 def eval_spec(spec: ViewSpec) -> ViewSpec:
-    """The evaluation view of a training spec: same size, mode and decoding; labels required."""
-    return ViewSpec(spec.img_size, spec.mode, needs_label=True, reduced_decode=spec.reduced_decode)
+    """The evaluation view of a training spec: same size, mode, decoding and members; labels required."""
+    return ViewSpec(
+        spec.img_size,
+        spec.mode,
+        needs_label=True,
+        reduced_decode=spec.reduced_decode,
+        image_key=spec.image_key,
+        label_key=spec.label_key,
+    )
 
 
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
-
-
-def _label(sample: dict, needs_label: bool) -> int:
-    if "cls" not in sample:
-        if needs_label:
-            raise BadSample("sample has no .cls label")
-        return -1
-    try:
-        return int(sample["cls"])
-    except ValueError:
-        raise BadSample(f"label {sample['cls'][:20]!r} is not an integer") from None
 
 
 class _SampleReader:
@@ -84,8 +85,13 @@ class _SampleReader:
         self.reported: collections.Counter[str] = collections.Counter()
 
     def count_bad(self, url: str, why: object, what: str = "bad sample in") -> None:
-        self.bad[basename(url)] += 1
-        log.warning("skipping %s %s: %s", what, url, why)
+        """Counted always; logged for the first few of each shard, so a log never grows without bound."""
+        name = basename(url)
+        self.bad[name] += 1
+        if self.bad[name] <= LOGGED_BAD_PER_SHARD:
+            log.warning("skipping %s %s: %s", what, url, why)
+        if self.bad[name] == LOGGED_BAD_PER_SHARD:
+            log.warning("further bad samples in %s are counted, not logged", name)
 
     def samples(self, url: str) -> Iterator[dict]:
         delivered = 0
@@ -107,11 +113,13 @@ class _SampleReader:
 
 
 def _decode_sample(sample: dict, spec: ViewSpec, view: Callable) -> tuple[torch.Tensor, int]:
-    found = encoded_image(sample)
-    if found is None:
-        raise BadSample(f"sample {sample.get('__key__')} in {sample.get('__url__')} holds no image")
-    label = _label(sample, spec.needs_label)
-    return view(found[1]), label
+    payload = sample_image(sample, spec.image_key)
+    label = sample_label(sample, spec.label_key)
+    if label is None:
+        if spec.needs_label:
+            raise missing_label(sample, spec.label_key)
+        label = -1
+    return view(payload), label
 
 
 class TrainStream(IterableDataset):
@@ -146,7 +154,7 @@ class TrainStream(IterableDataset):
         reader = _SampleReader(self.shards.read)
         extra = _randaug(self.spec) if self.spec.randaug else None
         images, labels = [], []
-        empty_chunks = 0
+        empty_chunks, good, bad = 0, 0, 0
         while True:
             rng, urls = self._chunk(worker, chunk)
             samples = (sample for url in urls for sample in reader.samples(url))
@@ -170,7 +178,13 @@ class TrainStream(IterableDataset):
                     image, label = _decode_sample(sample, self.spec, view)
                 except BadSample as error:
                     reader.count_bad(sample.get("__url__", "?"), error)
+                    bad += 1
+                    if bad == ALL_BAD_SAMPLES and not good:  # nothing usable: waiting would be forever
+                        raise TrainingStopped(
+                            f"the first {bad} samples read were all unusable, e.g. {error}"
+                        ) from None
                     continue
+                good += 1
                 images.append(image)
                 labels.append(label)
                 if len(images) == self.batch_size:
@@ -281,7 +295,7 @@ class EvalStream(IterableDataset):
                 try:
                     image, label = _decode_sample(sample, self.spec, view)
                 except BadSample as error:
-                    log.warning("evaluation: bad sample %s in %s: %s", index, url, error)
+                    reader.count_bad(url, f"{index}: {error}", what="evaluation sample in")
                     continue
                 yield image, label, index
 

@@ -43,7 +43,13 @@ class KnnMonitor:
         bf16: bool,
     ) -> None:
         self.config, self.splits, self.env, self.device = config, splits, env, device
-        self.spec = ViewSpec(view_spec.img_size, view_spec.mode, needs_label=True)
+        self.spec = ViewSpec(
+            view_spec.img_size,
+            view_spec.mode,
+            needs_label=True,
+            image_key=view_spec.image_key,
+            label_key=view_spec.label_key,
+        )
         self.path = Path(run_dir) / MONITOR_FILE
         self.bf16 = bf16
         self.evaluations: list[dict] = []

@@ -50,6 +50,8 @@ def pretrain_view_spec(arch: dict, config: PretrainConfig) -> ViewSpec:
         crop_scale=tuple(config.data.crop_scale),
         hflip=config.data.hflip,
         reduced_decode=config.data.reduced_decode,
+        image_key=config.data.image_key,
+        label_key=config.data.label_key,
     )
 
 

@@ -5,11 +5,14 @@ failures absorbed, a missing shard counted as bad with its URL named."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
+import webdataset as wds
 
 from mim import checkpoint
+from mim.data.reading import stream_samples
 from tests.conftest import GREY, run_cli
 from tests.http_server import FlakyServer
 
@@ -83,37 +86,82 @@ def test_a_missing_remote_shard_is_counted_as_bad_with_its_url(tmp_path, server,
     assert strict.returncode == 3 and "train-000003.tar" in strict.stderr
 
 
-def test_linear_probe_on_remote_splits_equals_local(tmp_path, server, fmnist_shards):
-    common = (
-        "data.mean=[0.286]",
-        "data.std=[0.353]",
-        "schedule.epochs=1",
-        "model.name=mae_vit_debug",
-        "model.img_size=28",
-        "model.patch_size=7",
-        "model.in_chans=1",
-        "init.from=none",
-        *FAST_RETRIES,
+PROBE = (
+    "data.mean=[0.286]",
+    "data.std=[0.353]",
+    "schedule.epochs=1",
+    "model.name=mae_vit_debug",
+    "model.img_size=28",
+    "model.patch_size=7",
+    "model.in_chans=1",
+    "init.from=none",
+    *FAST_RETRIES,
+)
+
+
+def linprobe(run_dir, train, val, *overrides):
+    result = run_cli(
+        "linprobe",
+        "--config",
+        "configs/linprobe/debug.yaml",
+        f"data.train={train}",
+        f"data.val={val}",
+        f"run.dir={run_dir}",
+        *PROBE,
+        *overrides,
     )
-    runs = {
-        "local": (fmnist_shards["train"], fmnist_shards["val"]),
-        "http": (f"{server.url}/train/_info.json", f"{server.url}/val/"),
-    }
-    metrics = {}
-    for name, (train, val) in runs.items():
-        result = run_cli(
-            "linprobe",
-            "--config",
-            "configs/linprobe/debug.yaml",
-            f"data.train={train}",
-            f"data.val={val}",
-            f"run.dir={tmp_path / name}",
-            *common,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())["final"]
-    assert metrics["http"]["num_samples"] == 250  # every val sample exactly once
-    assert metrics["http"] == metrics["local"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((run_dir / "metrics.json").read_text())["final"]
+
+
+def test_linear_probe_on_remote_splits_equals_local(tmp_path, server, fmnist_shards):
+    local = linprobe(tmp_path / "local", fmnist_shards["train"], fmnist_shards["val"])
+    remote = linprobe(tmp_path / "http", f"{server.url}/train/_info.json", f"{server.url}/val/")
+    assert remote["num_samples"] == 250  # every val sample exactly once
+    assert remote == local
+
+
+def json_labelled(source, target):
+    """A copy of mim's shards in img2dataset's layout: the label a field of each sample's .json,
+    a caption beside it, no .cls member."""
+    target.mkdir(exist_ok=True)
+    for shard in sorted(source.glob("*.tar")):
+        with open(target / shard.name, "wb") as stream:
+            writer = wds.TarWriter(stream, encoder=False)
+            for sample in stream_samples(str(shard)):
+                label = json.dumps({"label": int(sample["cls"])}).encode()
+                writer.write({"__key__": sample["__key__"], "png": sample["png"], "json": label, "txt": b"x"})
+            writer.close()
+    return target
+
+
+def test_a_probe_reads_labels_from_a_json_field_and_an_unset_label_key_is_named(tmp_path, fmnist_shards):
+    train = json_labelled(fmnist_shards["train"], tmp_path / "train")
+    val = json_labelled(fmnist_shards["val"], tmp_path / "val")
+    expected = linprobe(tmp_path / "cls", fmnist_shards["train"], fmnist_shards["val"])
+    got = linprobe(tmp_path / "json", train, val, "data.label_key=json:label", "model.num_classes=10")
+    assert got == expected  # the same samples, the same labels: the same probe
+    started = time.monotonic()
+    unset = linprobe_failing(tmp_path / "unset", train, val)  # labels asked for where there are none
+    assert unset.returncode == 3 and time.monotonic() - started < 60, unset.stderr[-3000:]
+    assert (
+        "has members json, png, txt and no 'cls' label: set data.label_key (e.g. json:label)" in unset.stderr
+    )
+    assert len(unset.stderr) < 1_000_000 and unset.stderr.count("skipping bad sample") <= 3 * 8 * 2
+
+
+def linprobe_failing(run_dir, train, val):
+    return run_cli(
+        "linprobe",
+        "--config",
+        "configs/linprobe/debug.yaml",
+        f"data.train={train}",
+        f"data.val={val}",
+        f"run.dir={run_dir}",
+        "model.num_classes=10",
+        *PROBE,
+        timeout=120,
+    )
 
 
 def test_a_served_index_that_names_a_command_stops_pretraining_before_it_runs(
