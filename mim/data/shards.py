@@ -272,7 +272,10 @@ def _with_stats(urls: list[str], read: ReadPolicy, split: str | None) -> ShardSe
             first = read_bytes(names[0], ReadPolicy(attempts=1, wait=0.0, timeout=read.timeout))
         except ShardUnreadable:
             return ShardSet(urls, None, [], read)
-        texts = [first] + [read_bytes(name, read) for name in names[1:]]
+        try:
+            texts = [first] + [read_bytes(name, read) for name in names[1:]]
+        except ShardUnreadable as error:
+            raise UserInputError(f"{names[0]} is there but not every shard's stats file: {error}") from None
     elif all(Path(name).is_file() for name in names):
         texts = [Path(name).read_bytes() for name in names]
     else:
