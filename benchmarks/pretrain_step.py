@@ -95,7 +95,19 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--profile", metavar="DIR", help="also profile mim's steps; traces go to DIR")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.zero_option = tuple(zero_option(parser, text) for text in args.zero_option)
+    return args
+
+
+def zero_option(parser: argparse.ArgumentParser, text: str) -> tuple[str, object]:
+    key, equals, value = text.partition("=")
+    try:
+        if not key or not equals:
+            raise ValueError("expected KEY=VALUE")
+        return key, json.loads(value)
+    except ValueError as error:  # json.JSONDecodeError is a ValueError
+        parser.error(f"--zero-option {text!r}: {error} (VALUE in JSON, e.g. overlap_comm=true)")
 
 
 def synchronize(device: torch.device) -> None:
@@ -152,9 +164,7 @@ class Bench:
             precision=args.precision,
             grad_clip=None,
             num_params=sum(p.numel() for p in self.model.parameters()),
-            zero_options=tuple(
-                (key, json.loads(value)) for key, _, value in (o.partition("=") for o in args.zero_option)
-            ),
+            zero_options=args.zero_option,
         )
         self.stage = self.settings.resolved_zero_stage
         shared = self.stage == 0
@@ -291,7 +301,7 @@ def main() -> None:
     say(
         f"device: {where}; torch {torch.__version__}; {world_size} rank(s), {torch.get_num_threads()} "
         f"thread(s) each; reference: {reference}; {args.rounds} rounds x {args.steps} steps"
-        + (f"; zero_optimization {' '.join(args.zero_option)}" if args.zero_option else "")
+        + (f"; zero_optimization {dict(args.zero_option)}" if args.zero_option else "")
         + (f"; bf16 matmul peak {peak_tflops:.0f} TFLOP/s" if peak_tflops else ""),
         flush=True,
     )
