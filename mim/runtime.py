@@ -3,6 +3,7 @@ signals (Slurm preemption), and progress lines with rate and ETA."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -11,6 +12,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -85,23 +87,79 @@ class RunLock:
         self.release()
 
 
+STOP_GRACE_SECONDS = 3.0  # how long a wait may go on after a stop signal before it is cut short
+
+
+class StopWhileWaiting(BaseException):
+    """A stop signal arrived while the process was waiting (on data, in start-up, in an evaluation)
+    and the wait did not end within STOP_GRACE_SECONDS. A BaseException, like KeyboardInterrupt, so
+    that no retry loop or bad-sample handler on the way takes it for a failed read."""
+
+
 class StopSignal:
-    """Records SIGUSR1 (Slurm's warning before a time limit or preemption) and SIGTERM; the
-    trainer polls `requested` and the ranks agree on a common step to stop at."""
+    """Records SIGUSR1 (Slurm's warning before a time limit or preemption) and SIGTERM.
+
+    In the training loop a stop waits for a step: the trainer polls `requested`, the ranks agree on a
+    common step, checkpoint and stop. Where nothing steps (start-up, waiting for data, an
+    evaluation: the blocks marked `interruptible(activity)`), a wait that goes on STOP_GRACE_SECONDS
+    after the signal is cut short by raising StopWhileWaiting (through SIGALRM), so a job stops within
+    seconds even when a server never answers. Everything before the training loop is "starting up".
+    The process has one of these: signal handlers are the process's."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+        global _installed
         self.received: int | None = None
+        self.activities: list[str | None] = ["starting up"]  # innermost last; None: a stop waits for a step
         for number in signals:
             signal.signal(number, self._handle)
+        signal.signal(signal.SIGALRM, self._cut_short)
+        _installed = self
 
     def _handle(self, number: int, frame) -> None:
         if self.received is None:
             log.warning("received signal %s: will checkpoint and stop", signal.Signals(number).name)
         self.received = number
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.received is not None and self.activities[-1] is not None:
+            signal.setitimer(signal.ITIMER_REAL, STOP_GRACE_SECONDS)
+
+    def _cut_short(self, number: int, frame) -> None:
+        activity = self.activities[-1]
+        if self.received is not None and activity is not None:
+            raise StopWhileWaiting(
+                f"{signal.Signals(self.received).name} received while {activity}, which had not ended "
+                f"{STOP_GRACE_SECONDS:g} s later: stopping now"
+            )
+
+    @contextlib.contextmanager
+    def interruptible(self, activity: str | None) -> Iterator[None]:
+        """Within the block a stop signal cuts the wait short (`activity` says what the process is
+        doing); with None, a stop waits for the trainer's next agreed step."""
+        self.activities.append(activity)
+        self._arm()
+        try:
+            yield
+        finally:
+            self.activities.pop()
+            if self.activities[-1] is None:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            else:
+                self._arm()
 
     @property
     def requested(self) -> bool:
         return self.received is not None
+
+
+_installed: StopSignal | None = None
+
+
+def interruptible(activity: str | None) -> contextlib.AbstractContextManager:
+    """The installed StopSignal's `interruptible`; nothing where the process has none (a library
+    caller, a test)."""
+    return _installed.interruptible(activity) if _installed is not None else contextlib.nullcontext()
 
 
 class Progress:

@@ -17,7 +17,8 @@ import torch
 from mim.config import write_config
 from mim.distributed import DistEnv, any_rank, init_distributed, read_dist_env, shutdown
 from mim.errors import TrainingStopped, UserInputError
-from mim.runtime import RunDirBusy, RunLock, StopSignal, setup_logging
+from mim.runtime import RunDirBusy, RunLock, StopSignal, StopWhileWaiting, setup_logging
+from pipelines.requeue import requeue_if_stopped
 
 USER_ERRORS = (UserInputError, FileNotFoundError, NotADirectoryError, PermissionError, RunDirBusy)
 EXIT_USER_ERROR = 2
@@ -35,7 +36,8 @@ def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def reports_user_errors(prog: str) -> Callable:
     """Wraps a stage's main: a user's mistake prints `prog: error: ...` and exits 2; training that
-    cannot go on prints `prog: stopped: ...` and exits 3; anything else keeps its traceback."""
+    cannot go on prints `prog: stopped: ...` and exits 3; a stop signal that cut start-up short
+    exits as a stop does (0, requeued under Slurm); anything else keeps its traceback."""
 
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
@@ -49,6 +51,9 @@ def reports_user_errors(prog: str) -> Callable:
             except TrainingStopped as error:
                 print(f"{prog}: stopped: {error}", file=sys.stderr)
                 return EXIT_TRAINING_STOPPED
+            except StopWhileWaiting as stopped:  # before the training loop: nothing was written
+                logging.getLogger(prog).warning("%s; nothing written", stopped)
+                return requeue_if_stopped("signal", read_dist_env())
 
         return wrapped
 

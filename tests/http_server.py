@@ -1,6 +1,7 @@
 """A real HTTP server for the tests (Python's http.server in a thread, bound to 127.0.0.1 on a free
 port) that serves a directory and misbehaves on request, per file name: answer 503 to the first N
-requests, or cut the connection halfway through the body of the first N responses. Missing files
+requests, or cut the connection halfway through the body of the first N responses; or never answer
+the requests for tar files after the first `answered_tars` (until the server stops). Missing files
 get 404 as from any server. Every request is counted per file name."""
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ class FlakyServer:
         self.requests: collections.Counter[str] = collections.Counter()
         self.unavailable: dict[str, int] = {}  # name -> 503 for this many first requests
         self.cut: dict[str, int] = {}  # name -> cut this many first responses halfway
+        self.answered_tars: int | None = None  # tar requests after this many hang
+        self.stopping = threading.Event()
         handler = functools.partial(_Handler, self, directory=str(root))
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -31,6 +34,7 @@ class FlakyServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -47,6 +51,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         name = self.path.lstrip("/")
         self.state.requests[name] += 1
         seen = self.state.requests[name]
+        tars = sum(count for key, count in self.state.requests.items() if key.endswith(".tar"))
+        if name.endswith(".tar") and self.state.answered_tars is not None and tars > self.state.answered_tars:
+            self.state.stopping.wait()  # a server that never answers
+            return
         if seen <= self.state.unavailable.get(name, 0):
             self.send_error(503, "Service Unavailable")
             return

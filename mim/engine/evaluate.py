@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from mim.data.shards import ShardSet
 from mim.data.streams import EvalStream, ViewSpec, eval_loader
 from mim.distributed import DistEnv, all_reduce_sum
+from mim.runtime import interruptible
 
 
 @torch.no_grad()
@@ -30,15 +31,16 @@ def evaluate(
     in percent and the number of samples counted (all ranks together)."""
     stream = EvalStream(shards, spec, env.rank, env.world_size, crop_fraction)
     correct, count = None, torch.zeros((), device=device)
-    for images, labels, _ in eval_loader(stream, batch_size, num_workers):
-        logits = logits_of(images.to(device, non_blocking=True)).float()
-        labels = labels.to(device)
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (H, N, 5)
-        batch_correct = torch.stack(
-            [(top[..., 0] == labels).sum(-1), (top == labels[:, None]).any(-1).sum(-1)]
-        )
-        correct = batch_correct.float() if correct is None else correct + batch_correct
-        count += labels.shape[0]
+    with interruptible("evaluating"):
+        for images, labels, _ in eval_loader(stream, batch_size, num_workers):
+            logits = logits_of(images.to(device, non_blocking=True)).float()
+            labels = labels.to(device)
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (H, N, 5)
+            batch_correct = torch.stack(
+                [(top[..., 0] == labels).sum(-1), (top == labels[:, None]).any(-1).sum(-1)]
+            )
+            correct = batch_correct.float() if correct is None else correct + batch_correct
+            count += labels.shape[0]
     if correct is None:  # this rank had no samples; the others still reduce
         heads = logits_of(
             torch.zeros(
@@ -80,10 +82,11 @@ def extract_features(
     indices; each sample once across ranks); with `gather`, the whole split on every rank."""
     stream = EvalStream(shards, spec, env.rank, env.world_size, crop_fraction, subset)
     features, labels = [], []
-    for images, batch_labels, _ in eval_loader(stream, batch_size, num_workers, generator):
-        batch_features = features_of(images.to(device)).float()
-        features.append(F.normalize(batch_features, dim=-1) if l2_normalize else batch_features)
-        labels.append(batch_labels.to(device))
+    with interruptible("extracting features"):
+        for images, batch_labels, _ in eval_loader(stream, batch_size, num_workers, generator):
+            batch_features = features_of(images.to(device)).float()
+            features.append(F.normalize(batch_features, dim=-1) if l2_normalize else batch_features)
+            labels.append(batch_labels.to(device))
     local = torch.cat(features) if features else torch.zeros(0, 0, device=device)
     local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     if not gather or not (dist.is_initialized() and dist.get_world_size() > 1):

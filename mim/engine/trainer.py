@@ -35,7 +35,7 @@ from mim.engine.schedule import warmup_cosine
 from mim.engine.step import StepRunner
 from mim.errors import TrainingStopped
 from mim.recipe import make_plan
-from mim.runtime import Progress, StopSignal, format_duration
+from mim.runtime import Progress, StopSignal, StopWhileWaiting, format_duration, interruptible
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Trainer:
         self.engine = build_engine(model, groups, self.engine_settings)
         self.runner = StepRunner(self.engine, self.engine_settings, device)
         self.nodes = gather_objects(env.node)  # each rank's node, for meta.json
-        self.step = 0
+        self.step = self.saved_step = 0
         self.positions: dict[int, tuple[int, int]] = {}  # data-stream position per logical worker
         self.next_worker = 0
         self.bad_by_shard: collections.Counter[str] = collections.Counter()  # this rank's
@@ -166,6 +166,10 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, last_loss: float | None) -> Path:
+        with interruptible(None):  # a stop never cuts a checkpoint short
+            return self._save(last_loss)
+
+    def _save(self, last_loss: float | None) -> Path:
         rank_state = {
             "rng": checkpoint.rng_state(),
             "positions": {k: list(v) for k, v in self.positions.items()},
@@ -182,6 +186,7 @@ class Trainer:
             self.config.run.keep_last,
             barrier,
         )
+        self.saved_step = self.step
         log.info("checkpoint %s written", path)
         return path
 
@@ -194,7 +199,7 @@ class Trainer:
         self.engine.load_checkpoint(
             str(latest.parent), tag=latest.name, load_module_strict=True, load_lr_scheduler_states=False
         )
-        self.step = int(meta["step"])
+        self.step = self.saved_step = int(meta["step"])
         rank_state = checkpoint.load_rank_state(latest, self.env.rank)
         if rank_state is None:
             log.warning(
@@ -247,15 +252,22 @@ class Trainer:
             self.step, self.plan.total_steps, self.plan.warmup_steps, self.plan.lr, self.config.optim.min_lr
         )
 
+        positions, next_worker = dict(self.positions), self.next_worker
+
         def micro_loss(micro: int) -> torch.Tensor:
+            nonlocal next_worker
             batch = next(batches)
-            self.positions[batch["worker"]] = batch["position"]
-            self.next_worker = (batch["worker"] + 1) % max(1, self.config.data.num_workers)
+            positions[batch["worker"]] = batch["position"]
+            next_worker = (batch["worker"] + 1) % max(1, self.config.data.num_workers)
             self.bad_by_shard.update(batch["bad"])
             labels = batch["labels"].to(self.device, non_blocking=True)
             return self.forward_loss(self.normalize(batch["images"]), labels, micro)
 
-        return self.runner.run(self.step + 1, lr, micro_loss, want_norm=self.logs_at(self.step + 1))
+        loss = self.runner.run(self.step + 1, lr, micro_loss, want_norm=self.logs_at(self.step + 1))
+        # The stream's position moves with completed steps only: a step cut short by a stop leaves
+        # its batches unconsumed, to be read again on resume.
+        self.positions, self.next_worker = positions, next_worker
+        return loss
 
     def logs_at(self, step: int) -> bool:
         return step % self.config.log.every == 0 or step in (
@@ -364,28 +376,54 @@ class Trainer:
             "finished",
         )
         self.engine.train()
-        while self.step < plan.total_steps:
-            loss_sum += self.train_step(batches)
-            self.step += 1
-            steps_since_log += 1
-            at_end = self.step in (plan.total_steps, config.run.stop_after)
-            if self.logs_at(self.step):
-                self.check_health(self.step * plan.effective_batch)
-                last_loss = self.log_step(loss_sum, steps_since_log, progress)
-                loss_sum.zero_()
-                steps_since_log = 0
-            self.after_step()
-            stop_requested = (
-                self.stop is not None
-                and self.step % config.run.stop_check_every == 0
-                and any_rank(self.stop.requested, self.device)
-            )
-            if self.step % config.run.checkpoint_every == 0 or at_end or stop_requested:
-                self.check_health(self.step * plan.effective_batch, before_checkpoint=True)
-                self.save(last_loss)
-            if stop_requested or self.step == config.run.stop_after:
-                reason = "signal" if stop_requested else "stop_after"
-                break
+        try:
+            with interruptible(None):  # from here a stop waits for a step the ranks agree on
+                while self.step < plan.total_steps:
+                    loss_sum += self.train_step(batches)
+                    self.step += 1
+                    steps_since_log += 1
+                    at_end = self.step in (plan.total_steps, config.run.stop_after)
+                    if self.logs_at(self.step):
+                        self.check_health(self.step * plan.effective_batch)
+                        last_loss = self.log_step(loss_sum, steps_since_log, progress)
+                        loss_sum.zero_()
+                        steps_since_log = 0
+                    self.after_step()
+                    stop_requested = (
+                        self.stop is not None
+                        and self.step % config.run.stop_check_every == 0
+                        and any_rank(self.stop.requested, self.device)
+                    )
+                    if self.step % config.run.checkpoint_every == 0 or at_end or stop_requested:
+                        self.check_health(self.step * plan.effective_batch, before_checkpoint=True)
+                        self.save(last_loss)
+                    if stop_requested or self.step == config.run.stop_after:
+                        reason = "signal" if stop_requested else "stop_after"
+                        break
+        except StopWhileWaiting as stopped:
+            batches.close()  # its workers may be blocked on a read that never ends
+            reason = self.stopped_waiting(str(stopped), last_loss)
+        except RuntimeError as error:  # a collective with a rank that is gone
+            if not (self.stop is not None and self.stop.requested and self.env.world_size > 1):
+                raise
+            batches.close()
+            reason = self.stopped_waiting(f"a collective failed after the stop signal ({error})", None)
         if self.writer is not None:
             self.writer.flush()
         return Outcome(self.step, plan.total_steps, reason, last_loss)
+
+    def stopped_waiting(self, why: str, last_loss: float | None) -> str:
+        """A stop that could not wait for an agreed step. One process checkpoints its last completed
+        step; many cannot agree on anything (a rank may be blocked or gone), so they stop without
+        touching the last checkpoint."""
+        log.warning("%s", why)
+        if self.env.world_size == 1 and self.step > self.saved_step:
+            self.check_health(self.step * self.plan.effective_batch, before_checkpoint=True)
+            self.save(last_loss)
+        else:
+            log.warning(
+                "stopping at step %d without a new checkpoint; the run resumes from %s",
+                self.step,
+                checkpoint.latest_checkpoint(self.run_dir) or "the start",
+            )
+        return "signal"
