@@ -8,7 +8,7 @@ setup:
 	scripts/bootstrap.sh
 
 setup-test:
-	scripts/bootstrap.sh --with-slurm
+	scripts/bootstrap.sh --for-tests
 
 demo: setup
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(VENV)/bin/mim demo --out $${OUT:-runs/demo}

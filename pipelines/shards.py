@@ -8,9 +8,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mim.data.foreign import webdataset_source
+from mim.data.members import DEFAULT_IMAGE_KEY, DEFAULT_LABEL_KEY
 from mim.data.shards import write_shards
 from mim.data.sources import open_source
 from pipelines.common import reports_user_errors
+
+WDS_PREFIX = "wds:"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -18,7 +22,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--source",
         required=True,
-        help="imagefolder:DIR | csv:FILE | tsv:FILE | fashion-mnist:DIR[:train|test]",
+        help="imagefolder:DIR | csv:FILE | tsv:FILE | fashion-mnist:DIR[:train|test] | wds:SHARDS "
+        "(existing local WebDataset shards: a directory, an index or a brace pattern, SHARDS::SPLIT)",
+    )
+    parser.add_argument(
+        "--image-key",
+        default=DEFAULT_IMAGE_KEY,
+        help=f"wds: the image member, the first present of ;-separated extensions (default {DEFAULT_IMAGE_KEY})",
+    )
+    parser.add_argument(
+        "--label-key",
+        default=DEFAULT_LABEL_KEY,
+        help="wds: the label, a member or json:FIELD of the sample's .json (default cls)",
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument(
@@ -49,7 +64,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 @reports_user_errors("mim shards")
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    source = open_source(args.source)
+    if args.source.startswith(WDS_PREFIX):
+        with tqdm(unit="shard", desc="indexing", file=sys.stderr) as bar:
+            source = webdataset_source(args.source[len(WDS_PREFIX) :], args.image_key, args.label_key, bar.update)
+    else:
+        source = open_source(args.source)
     name = args.name or (
         args.source.rsplit(":", 1)[-1]
         if args.source.startswith("fashion-mnist:") and args.source.count(":") == 2

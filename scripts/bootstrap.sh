@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # Sets up everything mim needs on a fresh machine: Debian packages (when root),
 # a virtual environment in .venv with torch, the project and its dev tools.
+# --for-tests (or --with-slurm): what the tests need besides: Slurm, munge, curl, and
+# img2dataset in a virtual environment of its own (.venv-img2dataset: it pins webdataset<0.3,
+# which must not replace the webdataset mim is tested with), run as its CLI by the tests.
 # Idempotent: a second run checks and does nothing that is already done.
-#   usage: scripts/bootstrap.sh [--with-slurm]
+#   usage: scripts/bootstrap.sh [--for-tests]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${MIM_VENV:-.venv}
 TORCH_SPEC=${MIM_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+IMG2DATASET_VENV=${MIM_IMG2DATASET_VENV:-.venv-img2dataset}
+IMG2DATASET_SPEC="img2dataset==1.47.0"
 APT_PACKAGES=(dataset-fashion-mnist)
-if [[ "${1:-}" == "--with-slurm" ]]; then
+FOR_TESTS=0
+if [[ "${1:-}" == "--for-tests" || "${1:-}" == "--with-slurm" ]]; then
+  FOR_TESTS=1
   APT_PACKAGES+=(slurm-wlm munge curl)  # the tests: a real Slurm; curl for `pipe:curl` shards
 fi
 
@@ -49,6 +56,16 @@ create_venv() {
   touch "$stamp"
 }
 
+create_img2dataset_venv() {
+  local stamp="$IMG2DATASET_VENV/.installed-$IMG2DATASET_SPEC"
+  [[ -f "$stamp" ]] && return 0
+  log "creating $IMG2DATASET_VENV ($IMG2DATASET_SPEC, for the foreign-shard tests)"
+  python3 -m venv "$IMG2DATASET_VENV"
+  "$IMG2DATASET_VENV/bin/python" -m pip install -q "$IMG2DATASET_SPEC"
+  touch "$stamp"
+}
+
 install_apt_packages
 create_venv
+if (( FOR_TESTS )); then create_img2dataset_venv; fi
 log "ready: $VENV"

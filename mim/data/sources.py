@@ -168,5 +168,6 @@ def open_source(spec: str) -> Source:
         path, _, split = rest.partition(":")
         return fashion_mnist(Path(path), split or "train")
     raise UserInputError(
-        f"unknown source kind {kind!r} in {spec!r}; expected imagefolder, csv, tsv or fashion-mnist"
+        f"unknown source kind {kind!r} in {spec!r}; expected imagefolder, csv, tsv, fashion-mnist "
+        "(or wds: for existing shards)"
     )

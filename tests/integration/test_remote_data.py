@@ -169,17 +169,3 @@ def test_a_served_index_that_names_a_command_stops_pretraining_before_it_runs(
     assert f"shard entry '{entry}' is not a relative path" in result.stderr
     assert not marker.exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_pretraining_from_img2dataset_shards_over_http_needs_no_samples_per_epoch(
-    tmp_path, server, fmnist_shards
-):
-    root = fmnist_shards["train"].parent / "i2d-run"
-    root.mkdir(exist_ok=True)
-    for number, shard in enumerate(sorted(fmnist_shards["train"].glob("*.tar"))):
-        (root / f"{number:05d}.tar").write_bytes(shard.read_bytes())
-        (root / f"{number:05d}_stats.json").write_text(json.dumps({"count": 130, "successes": 120}))
-    result = pretrain(tmp_path / "run", f"{server.url}/i2d-run/{{00000..00007}}.tar", "run.stop_after=2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    meta = checkpoint.read_meta(checkpoint.latest_checkpoint(tmp_path / "run"))
-    assert meta["data"]["num_samples"] == 960  # from the stats files: no data.samples_per_epoch
