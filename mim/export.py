@@ -45,6 +45,7 @@ def consolidated_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     which ZeRO does not shard, from the checkpoint's own model.safetensors."""
     state = checkpoint.load_weights(checkpoint_dir)
     if _zero_shards(checkpoint_dir):
+        checkpoint.verify(checkpoint_dir, [shard.name for shard in _zero_shards(checkpoint_dir)])
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         master = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from mim import checkpoint
 from mim.config import ConfigError, PretrainConfig
 from mim.data.shards import ShardSet
 from mim.data.streams import ViewSpec, derived_seed, first_images
@@ -84,7 +83,7 @@ class Pretrainer(Trainer):
             stop,
         )
         self.init = None
-        if init_weights is not None and checkpoint.latest_checkpoint(self.run_dir) is None:
+        if init_weights is not None and self.resume_from is None:
             self.init = initialize_from(self.engine.module, init_weights)
         self.monitor = (
             KnnMonitor(

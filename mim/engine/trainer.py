@@ -74,6 +74,7 @@ class Trainer:
         self.config, self.shards, self.env, self.device = config, shards, env, device
         self.model, self.view_spec, self.stop = model, view_spec, stop
         self.run_dir = Path(config.run.dir)
+        self.resume_from = self.resume_point()
         samples_per_epoch = config.data.samples_per_epoch or shards.num_samples
         self.plan = make_plan(
             config.optim, config.schedule, config.data.batch_size, env.world_size, samples_per_epoch
@@ -136,12 +137,26 @@ class Trainer:
     def zero_stage_of_run(self, zero_stage: int | str) -> int | str:
         """`auto` keeps the stage a run's checkpoints were written at, so a run started when `auto`
         chose another stage still resumes; any other setting is taken as it is."""
-        latest = checkpoint.latest_checkpoint(self.run_dir) if zero_stage == "auto" else None
+        latest = self.resume_from if zero_stage == "auto" else None
         if latest is None:
             return zero_stage
         written = checkpoint.read_meta(latest).get("engine", {}).get("zero_stage", 1)
         log.info("deepspeed.zero_stage=auto: ZeRO stage %d, the stage %s was written at", written, latest)
         return int(written)
+
+    def resume_point(self) -> Path | None:
+        """The newest checkpoint that verifies (rank 0 checks every file and sets damaged ones
+        aside); every rank gets the same answer, or the same TrainingStopped."""
+        found, failure = None, None
+        if self.env.is_main:
+            try:
+                found = checkpoint.newest_intact(self.run_dir)
+            except TrainingStopped as error:
+                failure = str(error)
+        found, failure = gather_objects((found, failure))[0]
+        if failure is not None:
+            raise TrainingStopped(failure)
+        return found
 
     def check_resumable(self, meta: dict, path: Path) -> None:
         if meta.get("stage") != self.stage:
@@ -185,13 +200,14 @@ class Trainer:
             dict(self.meta(), last_loss=last_loss),
             self.config.run.keep_last,
             barrier,
+            gather_objects,
         )
         self.saved_step = self.step
         log.info("checkpoint %s written", path)
         return path
 
     def resume(self) -> bool:
-        latest = checkpoint.latest_checkpoint(self.run_dir)
+        latest = self.resume_from
         if latest is None:
             return False
         meta = checkpoint.read_meta(latest)
