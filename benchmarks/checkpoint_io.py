@@ -9,7 +9,10 @@ Per model, with its AdamW state (after one step, ZeRO stage 0, one process), int
   with the time spent inside the checksum's `update` calls added up: what the summing costs;
 - plain: the files as mim wrote them before manifests (DeepSpeed's own save, torch.save,
   safetensors' save_file, meta.json), the reference the issue's budget is set against;
-then `checkpoint.verify` (every file read back and summed) and DeepSpeed's `load_checkpoint`.
+then `checkpoint.verify` (every file read back and summed), DeepSpeed's `load_checkpoint` (a resume
+where the checkpoint was written) and mim's move (`mim.engine.portable`: the per-parameter AdamW
+state read from DeepSpeed's files and written into the engine, what a resume on another number of
+processes or another stage does).
 Nothing is fsynced; on tmpfs (`--dir /dev/shm`) a write is a memory copy, as fast as it gets, so
 the sums' share is at its largest there (and the disk's writeback does not blur the timings).
 """
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mim import checkpoint  # noqa: E402
 from mim.distributed import init_distributed, read_dist_env  # noqa: E402
+from mim.engine import portable  # noqa: E402
 from mim.engine.deepspeed_engine import EngineSettings, build_engine  # noqa: E402
 from mim.engine.optim import param_groups  # noqa: E402
 from mim.engine.step import StepRunner  # noqa: E402
@@ -104,7 +108,7 @@ def timed(action) -> tuple[float, object]:
 def measure(name: str, rounds: int, root: Path, device: torch.device) -> dict:
     engine = trained_engine(name, device)
     variants = {"mim": mim_save, "plain": plain_save}
-    times: dict[str, list[float]] = {key: [] for key in [*variants, "sums", "verify", "load"]}
+    times: dict[str, list[float]] = {key: [] for key in [*variants, "sums", "verify", "load", "move"]}
     size = 0
     for round_number in range(rounds):
         for label, save in variants.items():
@@ -124,6 +128,10 @@ def measure(name: str, rounds: int, root: Path, device: torch.device) -> dict:
                     str(directory.parent), tag=directory.name, load_lr_scheduler_states=False
                 )
                 times["load"].append(timed(load)[0])
+                move = lambda directory=directory: portable.load_into(  # noqa: E731
+                    engine, checkpoint.load_weights(directory), portable.optimizer_state(directory)
+                )
+                times["move"].append(timed(move)[0])
             shutil.rmtree(run_dir)
     medians = {key: statistics.median(values) for key, values in times.items()}
     return {"model": name, "bytes": size, **medians}
@@ -145,14 +153,17 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\nseconds, medians of {args.rounds} interleaved rounds, torch {torch.__version__}, one process, {root.parent}")
-    print("| model | checkpoint | plain write | mim write | of which sums | sums / plain write | mim / plain | verify | DeepSpeed load |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | checkpoint | plain write | mim write | of which sums | sums / plain write | mim / plain "
+        "| verify | DeepSpeed load | mim move |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         sums = row["sums"]
         print(
             f"| {row['model']} | {row['bytes'] / 2**20:.1f} MiB | {row['plain']:.3f} | {row['mim']:.3f} | "
             f"{sums:.3f} | {sums / row['plain'] * 100:.1f} % | {row['mim'] / row['plain']:.2f}x | "
-            f"{row['verify']:.3f} | {row['load']:.3f} |"
+            f"{row['verify']:.3f} | {row['load']:.3f} | {row['move']:.3f} |"
         )
 
 

@@ -38,6 +38,21 @@ class Plan:
     warmup_steps: int
 
 
+def batch_split(effective_batch: int, world_size: int, batch_size: int) -> tuple[int, int] | None:
+    """(micro-batch, accumulation steps) per process that make `effective_batch` on `world_size`
+    processes, with the largest micro-batch up to `batch_size`; None where the processes cannot
+    share it evenly."""
+    if effective_batch % world_size:
+        return None
+    per_process = effective_batch // world_size
+    micro = next(m for m in range(min(batch_size, per_process), 0, -1) if per_process % m == 0)
+    return micro, per_process // micro
+
+
+def process_counts_for(effective_batch: int, limit: int = 1024) -> list[int]:
+    return [count for count in range(1, min(effective_batch, limit) + 1) if effective_batch % count == 0]
+
+
 def make_plan(
     optim: OptimConfig, schedule: ScheduleConfig, batch_size: int, world_size: int, samples_per_epoch: int
 ) -> Plan:

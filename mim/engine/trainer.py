@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from mim import checkpoint
-from mim.config import ConfigError, to_tree
+from mim.config import ConfigError, to_tree, write_config
 from mim.data.shards import ShardSet
 from mim.data.streams import TrainStream, ViewSpec, train_loader
 from mim.data.transforms import normalize_on_device
 from mim.distributed import DistEnv, all_reduce_sum, any_rank, barrier, gather_objects
+from mim.engine import portable
 from mim.engine.deepspeed_engine import (
     EngineSettings,
     build_engine,
@@ -34,7 +35,7 @@ from mim.engine.deepspeed_engine import (
 from mim.engine.schedule import warmup_cosine
 from mim.engine.step import StepRunner
 from mim.errors import TrainingStopped
-from mim.recipe import make_plan
+from mim.recipe import batch_split, make_plan, process_counts_for
 from mim.runtime import Progress, StopSignal, StopWhileWaiting, format_duration, interruptible
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class Trainer:
         self.model, self.view_spec, self.stop = model, view_spec, stop
         self.run_dir = Path(config.run.dir)
         self.resume_from = self.resume_point()
+        if self.resume_from is not None:
+            self.keep_effective_batch(checkpoint.read_meta(self.resume_from))
         samples_per_epoch = config.data.samples_per_epoch or shards.num_samples
         self.plan = make_plan(
             config.optim, config.schedule, config.data.batch_size, env.world_size, samples_per_epoch
@@ -130,6 +133,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "nodes": self.nodes,
             "samples_seen": self.step * self.plan.effective_batch,
+            "effective_batch": self.plan.effective_batch,
             "engine": engine_description(self.engine_settings),
             "data": {"train": self.config.data.train, "num_samples": self.shards.num_samples},
         }
@@ -158,24 +162,49 @@ class Trainer:
             raise TrainingStopped(failure)
         return found
 
+    def keep_effective_batch(self, meta: dict) -> None:
+        """The effective batch is the run's: on another number of processes the micro-batch and
+        accumulation per process are re-derived from it (so the plan, its lr and its steps stay
+        the run's), or the run is refused naming process counts that work."""
+        written = meta.get("effective_batch")
+        if written is None:  # checkpoints from before this key
+            config = meta.get("config", {})
+            written = (
+                config.get("data", {}).get("batch_size", 0)
+                * config.get("optim", {}).get("accum_steps", 1)
+                * meta.get("world_size", 1)
+            )
+        data, optim, world = self.config.data, self.config.optim, self.env.world_size
+        if not written or data.batch_size * optim.accum_steps * world == written:
+            return
+        split = batch_split(written, world, data.batch_size)
+        if split is None:
+            counts = ", ".join(map(str, process_counts_for(written)[:12]))
+            raise ConfigError(
+                f"cannot resume {self.run_dir} on {world} process(es): its effective batch of {written} "
+                f"(written by {meta.get('world_size')} process(es)) cannot be split evenly over {world}; "
+                f"use a process count that divides it ({counts}, ...) or a new run.dir"
+            )
+        log.warning(
+            "effective batch %d kept on %d process(es) (written by %s): data.batch_size %d -> %d, "
+            "optim.accum_steps %d -> %d; the schedule and its steps are the run's",
+            written,
+            world,
+            meta.get("world_size"),
+            data.batch_size,
+            split[0],
+            optim.accum_steps,
+            split[1],
+        )
+        data.batch_size, optim.accum_steps = split
+        if self.env.is_main:
+            write_config(self.config, self.run_dir / "config.yaml")
+
     def check_resumable(self, meta: dict, path: Path) -> None:
         if meta.get("stage") != self.stage:
             raise ConfigError(
                 f"cannot resume from {path}: it was written by stage {meta.get('stage')!r}, "
                 f"this is {self.stage!r}; use a new run.dir"
-            )
-        # Checkpoints from before this key was written are ZeRO stage 1 (the default then).
-        theirs = meta.get(
-            "engine", {"zero_stage": meta.get("config", {}).get("deepspeed", {}).get("zero_stage", 1)}
-        )
-        ours = engine_description(self.engine_settings)
-        if theirs.get("zero_stage") != ours["zero_stage"]:
-            raise ConfigError(
-                f"cannot resume from {path}: its optimizer state was written at ZeRO stage "
-                f"{theirs.get('zero_stage')}, this run uses stage {ours['zero_stage']} "
-                f"(deepspeed.zero_stage={self.config.deepspeed.zero_stage} on {self.env.world_size} "
-                f"process(es)); set deepspeed.zero_stage={theirs.get('zero_stage')} (or auto) to resume it, "
-                "or use a new run.dir"
             )
 
     # ------------------------------------------------------------------ checkpoints
@@ -212,16 +241,34 @@ class Trainer:
             return False
         meta = checkpoint.read_meta(latest)
         self.check_resumable(meta, latest)
-        self.engine.load_checkpoint(
-            str(latest.parent), tag=latest.name, load_module_strict=True, load_lr_scheduler_states=False
-        )
+        # Checkpoints from before the engine key are ZeRO stage 1 (the default then).
+        configured = meta.get("config", {}).get("deepspeed", {}).get("zero_stage", 1)
+        written = meta.get("engine", {}).get("zero_stage", configured)
+        written_world = meta.get("world_size", self.env.world_size)
+        stage = self.engine_settings.resolved_zero_stage
+        if (written, written_world) == (stage, self.env.world_size) or written == stage == 0:
+            self.engine.load_checkpoint(  # DeepSpeed's own files, where they were written
+                str(latest.parent), tag=latest.name, load_module_strict=True, load_lr_scheduler_states=False
+            )
+        else:
+            log.warning(
+                "moving the optimizer state of %s from ZeRO stage %d on %d process(es) to stage %d on %d",
+                latest,
+                written,
+                written_world,
+                stage,
+                self.env.world_size,
+            )
+            portable.load_into(self.engine, checkpoint.load_weights(latest), portable.optimizer_state(latest))
         self.step = self.saved_step = int(meta["step"])
         rank_state = checkpoint.load_rank_state(latest, self.env.rank)
         if rank_state is None:
             log.warning(
-                "%s has no state for rank %d (world size changed?): the data stream starts afresh",
+                "%s has no stream position for rank %d (written by %s process(es)): this rank's stream "
+                "starts at its first chunk; ranks that were there continue theirs",
                 latest,
                 self.env.rank,
+                meta.get("world_size"),
             )
         elif rank_state["num_workers"] != self.config.data.num_workers:
             log.warning(

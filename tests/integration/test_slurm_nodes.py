@@ -203,3 +203,26 @@ def test_chain_pretrain_export_linprobe_across_two_nodes(two_nodes, tmp_path, fm
     assert (root / "export" / "model.safetensors").is_file()
     metrics = json.loads((root / "linprobe" / "metrics.json").read_text())
     assert metrics["final"]["num_samples"] == 250  # every val sample once across the two nodes
+
+
+def test_resubmitted_on_one_node_the_run_continues_with_its_effective_batch(
+    two_nodes, tmp_path, fmnist_shards
+):
+    """A user drops from 2 nodes to 1 to get through the queue: the same `mim submit` with
+    another --nodes on the run dir continues the run, with the effective batch it was started with."""
+    run = tmp_path / "run"
+    config, *overrides = LONG_RUN
+    common = ("--config", config, f"data.train={fmnist_shards['train']}", f"run.dir={run}", *overrides)
+    first = two_nodes.submit("pretrain", "--nodes=2", *common, "run.stop_after=20")[0]
+    finish(two_nodes, run, first)
+    second = two_nodes.submit("pretrain", "--nodes=1", *common)[0]
+    finish(two_nodes, run, second)
+    log = job_log(run, second)
+    assert "1 process(es) on 1 node(s) (slurm)" in log
+    assert (
+        "effective batch 16 kept on 1 process(es) (written by 2): data.batch_size 8 -> 8, optim.accum_steps 1 -> 2"
+        in log
+    )
+    assert "resumed from" in log and "at step 20" in log
+    meta = checkpoint.read_meta(checkpoint.latest_checkpoint(run))
+    assert meta["step"] == TOTAL_STEPS and meta["world_size"] == 1 and meta["effective_batch"] == 16
