@@ -129,7 +129,7 @@ def measure(name: str, rounds: int, root: Path, device: torch.device) -> dict:
                 )
                 times["load"].append(timed(load)[0])
                 move = lambda directory=directory: portable.load_into(  # noqa: E731
-                    engine, checkpoint.load_weights(directory), portable.optimizer_state(directory)
+                    engine, checkpoint.load_weights(directory), checkpoint.optimizer_state(directory)
                 )
                 times["move"].append(timed(move)[0])
             shutil.rmtree(run_dir)

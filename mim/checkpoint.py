@@ -1,4 +1,5 @@
-"""The one module that knows the checkpoint layout.
+"""The one module that knows the checkpoint layout and run state: save, verify, resolve, load
+(restore a resume, weights for the other stages), consolidate and prune; the stages ask it.
 
     RUN_DIR/checkpoints/step-00001000/      one complete checkpoint
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files (engine.save_checkpoint)
@@ -47,7 +48,12 @@ CHECKPOINT_DIR = "checkpoints"
 META_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
-CHECKSUM = "xxh3_128"  # ~17 GB/s on one core: a few % of a checkpoint's write time (benchmarks/checkpoint_io.py)
+MODEL_STATES_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's (weights at stage 0 also the optimizer)
+_ZERO_SHARD = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # DeepSpeed's, ZeRO 1/2
+ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+CHECKSUM = (
+    "xxh3_128"  # ~17 GB/s on one core: a few % of a checkpoint's write time (benchmarks/checkpoint_io.py)
+)
 READ_CHUNK = 8 << 20
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -233,6 +239,39 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve(spec: str | Path) -> Path:
+    """A complete checkpoint from a run dir (its newest) or a checkpoint dir."""
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (expected a mim run dir or checkpoint dir)")
+    if (path / CHECKPOINT_DIR).is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise UserInputError(f"run dir {path} holds no complete checkpoint")
+        return latest
+    if (path / META_FILE).is_file():
+        return path
+    raise UserInputError(f"{path} is neither a mim run dir nor a complete mim checkpoint (no {META_FILE})")
+
+
+def is_mim_checkpoint(path: Path) -> bool:
+    """A run dir or a checkpoint dir (what `resolve` takes)."""
+    return (Path(path) / CHECKPOINT_DIR).is_dir() or (Path(path) / META_FILE).is_file()
+
+
+def zero_shards(checkpoint: Path) -> list[Path]:
+    """DeepSpeed's ZeRO optimizer shards of a checkpoint in rank order (none at stage 0)."""
+    found = [(int(m.group(1)), p) for p in Path(checkpoint).iterdir() if (m := _ZERO_SHARD.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def architecture(meta: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(the backbone's architecture, its global pool) as a checkpoint's meta.json records them."""
+    if meta["stage"] == "pretrain":
+        return {key: meta["model"]["arch"][key] for key in ARCH_KEYS}, "token"
+    return dict(meta["backbone"]["arch"]), meta.get("global_pool", "token")
+
+
 def read_meta(checkpoint: Path) -> dict[str, Any]:
     path = Path(checkpoint) / META_FILE
     try:
@@ -383,3 +422,59 @@ def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{checkpoint} has no {WEIGHTS_FILE}; is it a complete mim checkpoint?")
     verify(checkpoint, [WEIGHTS_FILE, META_FILE])
     return load_file(str(path))
+
+
+def consolidated_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 model state of a checkpoint, verified: the trained parameters from the ZeRO shards'
+    fp32 master copy where there are shards; frozen ones (fixed position embeddings, a probed
+    backbone), which ZeRO does not shard, from the checkpoint's own model.safetensors."""
+    checkpoint = Path(checkpoint)
+    state = load_weights(checkpoint)
+    shards = zero_shards(checkpoint)
+    if shards:
+        verify(checkpoint, [shard.name for shard in shards])
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        master = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        state.update({k: v.float().contiguous() for k, v in master.items()})
+    return state
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def restore(engine: Any, checkpoint: Path, meta: dict[str, Any], stage: int, world_size: int) -> None:
+    """Loads a verified checkpoint into `engine` (ZeRO `stage` on `world_size` processes; every rank
+    calls it): DeepSpeed's own load where the files were written for this stage and process count
+    (or at stage 0, whose files hold everything), else the weights and the per-parameter AdamW state
+    moved into this engine (mim.engine.portable)."""
+    from mim.engine import portable
+
+    configured = meta.get("config", {}).get("deepspeed", {}).get("zero_stage", 1)
+    written = meta.get("engine", {}).get("zero_stage", configured)  # older: the stage configured
+    written_world = meta.get("world_size", world_size)
+    if (written, written_world) == (stage, world_size) or written == stage == 0:
+        engine.load_checkpoint(
+            str(checkpoint.parent),
+            tag=checkpoint.name,
+            load_module_strict=True,
+            load_lr_scheduler_states=False,
+        )
+        return
+    log.warning(
+        "moving the optimizer state of %s from ZeRO stage %d on %d process(es) to stage %d on %d",
+        checkpoint,
+        written,
+        written_world,
+        stage,
+        world_size,
+    )
+    portable.load_into(engine, load_weights(checkpoint), optimizer_state(checkpoint))
+
+
+def optimizer_state(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The AdamW state per parameter name of a checkpoint written at any stage by any number of
+    processes (mim.engine.portable), from DeepSpeed's files (verified on resume)."""
+    from mim.engine import portable
+
+    return portable.optimizer_state(Path(checkpoint) / MODEL_STATES_FILE, zero_shards(checkpoint))

@@ -19,40 +19,6 @@ from mim.errors import UserInputError
 from mim.models.backbone import ENCODER_DROP_PREFIXES, timm_args, timm_name
 
 
-def find_checkpoint(spec: str) -> Path:
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (expected a mim run dir or checkpoint dir)")
-    if (path / checkpoint.CHECKPOINT_DIR).is_dir():
-        latest = checkpoint.latest_checkpoint(path)
-        if latest is None:
-            raise UserInputError(f"run dir {path} holds no complete checkpoint")
-        return latest
-    if (path / checkpoint.META_FILE).is_file():
-        return path
-    raise UserInputError(
-        f"{path} is neither a mim run dir nor a complete mim checkpoint (no {checkpoint.META_FILE})"
-    )
-
-
-def _zero_shards(checkpoint_dir: Path) -> list[Path]:
-    return sorted(checkpoint_dir.glob("*zero_pp_rank_*_optim_states.pt"))
-
-
-def consolidated_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    """The fp32 model state of a checkpoint: the trained parameters from the ZeRO shards' fp32
-    master copy when there are shards; frozen ones (fixed position embeddings, a probed backbone),
-    which ZeRO does not shard, from the checkpoint's own model.safetensors."""
-    state = checkpoint.load_weights(checkpoint_dir)
-    if _zero_shards(checkpoint_dir):
-        checkpoint.verify(checkpoint_dir, [shard.name for shard in _zero_shards(checkpoint_dir)])
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        master = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
-        state.update({k: v.float().contiguous() for k, v in master.items()})
-    return state
-
-
 def split_state(state: dict[str, torch.Tensor], stage: str) -> tuple[dict, dict]:
     """(encoder in timm names without any classifier head, decoder) of a stage's model state."""
     if stage == "linprobe":
@@ -64,17 +30,6 @@ def split_state(state: dict[str, torch.Tensor], stage: str) -> tuple[dict, dict]
         if not k.startswith(ENCODER_DROP_PREFIXES) and not k.startswith("head.")
     }
     return encoder, decoder
-
-
-def arch_of(meta: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """(architecture, global pool) from a checkpoint's meta.json."""
-    if meta["stage"] == "pretrain":
-        arch = meta["model"]["arch"]
-        return {
-            k: arch[k]
-            for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
-        }, "token"
-    return dict(meta["backbone"]["arch"]), meta.get("global_pool", "token")
 
 
 def timm_config(
@@ -141,12 +96,12 @@ def model_card(
 def export(spec: str, out_dir: Path, dtype: str = "fp32", with_decoder: bool = False) -> Path:
     if dtype not in ("fp32", "bf16"):
         raise UserInputError(f"--dtype must be fp32 or bf16, got {dtype!r}")
-    source = find_checkpoint(spec)
+    source = checkpoint.resolve(spec)
     meta = checkpoint.read_meta(source)
-    encoder, decoder = split_state(consolidated_state(source), meta["stage"])
+    encoder, decoder = split_state(checkpoint.consolidated_weights(source), meta["stage"])
     if with_decoder and not decoder:
         raise UserInputError(f"{source} is a {meta['stage']} checkpoint: it has no decoder to export")
-    arch, global_pool = arch_of(meta)
+    arch, global_pool = checkpoint.architecture(meta)
     run_config = meta.get("config", {}).get("data", {})
     config = timm_config(
         arch,

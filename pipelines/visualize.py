@@ -21,7 +21,6 @@ from mim.config import DEFAULT_IMAGE_KEY
 from mim.data.shards import open_shards
 from mim.data.streams import ViewSpec, first_images
 from mim.errors import UserInputError
-from mim.export import find_checkpoint
 from mim.models import create_model
 from mim.models.attention import check_block
 from mim.models.backbone import create_vit, load_encoder, load_weights
@@ -45,7 +44,7 @@ def image_key(args: argparse.Namespace, meta: dict) -> str:
 
 
 def reconstructions(args: argparse.Namespace) -> str:
-    source = find_checkpoint(args.source)
+    source = checkpoint.resolve(args.source)
     meta = checkpoint.read_meta(source)
     if meta["stage"] != "pretrain":
         raise UserInputError(

@@ -3,9 +3,10 @@
 Training (`TrainStream`): resampled shards, no epoch boundary. Each (rank, worker) stream is a
 sequence of chunks; chunk k draws `shards_per_chunk` shards with replacement and shuffles their
 samples, all from an RNG seeded by (seed, rank, worker, k). Its position is therefore two numbers
-(chunk, offset), which every batch carries with its (logical) worker id; the trainer keeps the
-position of the last batch it consumed from each worker and which worker is due next, and a
-resumed stream continues exactly there.
+(chunk, offset), which every batch carries with its (logical) worker id; a `StreamPosition` holds
+the position of the last batch consumed from each worker and which worker is due next (the
+trainer advances it as it consumes batches and saves it), and a resumed stream continues exactly
+there.
 
 Evaluation (`EvalStream`): every sample of the split (or of a subset of it) exactly once
 across all ranks and workers: contiguous ranges of the global sample indices, split by rank, then
@@ -124,6 +125,41 @@ def _decode_sample(sample: dict, spec: ViewSpec, view: Callable) -> tuple[torch.
     return view(payload), label
 
 
+@dataclass
+class StreamPosition:
+    """Where a rank's training stream is: per logical worker the (chunk, samples into it) of the
+    last batch consumed, and whose batch is due next. The trainer advances a copy with each batch
+    of a step and keeps it once the step is complete; it travels in the rank's checkpoint state
+    (`state_dict`, `from_state`) and starts the resumed `TrainStream` (`start`)."""
+
+    num_workers: int
+    workers: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    next_worker: int = 0
+
+    def advance(self, batch: dict) -> None:
+        self.workers[batch["worker"]] = tuple(batch["position"])
+        self.next_worker = (batch["worker"] + 1) % max(1, self.num_workers)
+
+    def copy(self) -> StreamPosition:
+        return StreamPosition(self.num_workers, dict(self.workers), self.next_worker)
+
+    def state_dict(self) -> dict:
+        return {
+            "positions": {worker: list(at) for worker, at in self.workers.items()},
+            "next_worker": self.next_worker,
+            "num_workers": self.num_workers,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, num_workers: int) -> StreamPosition | None:
+        """The saved position; None where it cannot be kept (another data.num_workers: the
+        logical workers' streams are not the same ones)."""
+        if state["num_workers"] != num_workers:
+            return None
+        workers = {int(worker): tuple(at) for worker, at in state["positions"].items()}
+        return cls(num_workers, workers, int(state["next_worker"]))
+
+
 class TrainStream(IterableDataset):
     def __init__(
         self,
@@ -133,17 +169,16 @@ class TrainStream(IterableDataset):
         seed: int,
         rank: int,
         shards_per_chunk: int = 2,
-        start_positions: dict[int, tuple[int, int]] | None = None,
-        first_worker: int = 0,
+        start: StreamPosition | None = None,
         shuffle_buffer: int = 1000,
     ) -> None:
         self.shards, self.spec, self.batch_size = shards, spec, batch_size
         self.seed, self.rank, self.shards_per_chunk = seed, rank, shards_per_chunk
         self.shuffle_buffer = shuffle_buffer
-        self.start_positions = start_positions or {}
+        self.start_positions = dict(start.workers) if start is not None else {}
         # The DataLoader takes batches from its workers in turn, starting with worker 0; a resumed
         # stream lets worker 0 play the logical worker whose batch was due next.
-        self.first_worker = first_worker
+        self.first_worker = start.next_worker if start is not None else 0
 
     def _chunk(self, worker: int, chunk: int) -> tuple[random.Random, list[str]]:
         rng = random.Random(derived_seed(self.seed, self.rank, worker, chunk))

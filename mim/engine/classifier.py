@@ -212,7 +212,7 @@ class CachedFeatureProbe(ClassifierTrainer):
         return images.to(self.device, self.input_dtype)  # cached features
 
     def batches(self):
-        epoch, offset = self.positions.get(0, (0, 0))
+        epoch, offset = self.position.workers.get(0, (0, 0))
         size, count = self.config.data.batch_size, len(self.train_labels)
         while True:
             generator = torch.Generator().manual_seed(

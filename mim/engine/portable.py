@@ -16,7 +16,6 @@ torch optimizer state_dict whose groups carry the parameters' names (mim's param
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ import torch
 
 from mim.errors import UserInputError
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
-ZERO_SHARD = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -35,21 +32,14 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
-def zero_shards(checkpoint_dir: Path) -> list[Path]:
-    """The ZeRO optimizer shards of a checkpoint in rank order (none at stage 0)."""
-    found = [(int(m.group(1)), p) for p in Path(checkpoint_dir).iterdir() if (m := ZERO_SHARD.match(p.name))]
-    return [path for _, path in sorted(found)]
-
-
-def optimizer_state(checkpoint_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """name -> {"exp_avg", "exp_avg_sq", "step"} for every trained parameter of a checkpoint written
-    at any ZeRO stage (0, 1, 2) by any number of processes."""
-    checkpoint_dir = Path(checkpoint_dir)
-    model_states = _load(checkpoint_dir / MODEL_STATES)
-    shards = zero_shards(checkpoint_dir)
+def optimizer_state(model_states: Path, shards: list[Path]) -> dict[str, dict[str, torch.Tensor]]:
+    """name -> {"exp_avg", "exp_avg_sq", "step"} for every trained parameter, from DeepSpeed's model
+    states file and its ZeRO optimizer shards in rank order (none at stage 0); any stage (0, 1, 2),
+    any number of processes. (mim.checkpoint knows where the files are.)"""
+    saved = _load(model_states)
     if not shards:
-        return _from_torch_optimizer(model_states["optimizer"], checkpoint_dir)
-    return _from_zero_shards(model_states["param_shapes"], [_load(path) for path in shards], checkpoint_dir)
+        return _from_torch_optimizer(saved["optimizer"], model_states)
+    return _from_zero_shards(saved["param_shapes"], [_load(path) for path in shards], model_states)
 
 
 def _from_torch_optimizer(saved: dict, where: Path) -> dict[str, dict[str, torch.Tensor]]:

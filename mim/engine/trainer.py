@@ -20,10 +20,9 @@ from torch import nn
 from mim import checkpoint
 from mim.config import ConfigError, to_tree, write_config
 from mim.data.shards import ShardSet
-from mim.data.streams import TrainStream, ViewSpec, train_loader
+from mim.data.streams import StreamPosition, TrainStream, ViewSpec, train_loader
 from mim.data.transforms import normalize_on_device
 from mim.distributed import DistEnv, all_reduce_sum, any_rank, barrier, gather_objects
-from mim.engine import portable
 from mim.engine.deepspeed_engine import (
     EngineSettings,
     build_engine,
@@ -106,8 +105,7 @@ class Trainer:
         self.runner = StepRunner(self.engine, self.engine_settings, device)
         self.nodes = gather_objects(env.node)  # each rank's node, for meta.json
         self.step = self.saved_step = 0
-        self.positions: dict[int, tuple[int, int]] = {}  # data-stream position per logical worker
-        self.next_worker = 0
+        self.position = StreamPosition(config.data.num_workers)  # of the training stream
         self.bad_by_shard: collections.Counter[str] = collections.Counter()  # this rank's
         self.writer = None
         if env.is_main and config.log.tensorboard:
@@ -216,9 +214,7 @@ class Trainer:
     def _save(self, last_loss: float | None) -> Path:
         rank_state = {
             "rng": checkpoint.rng_state(),
-            "positions": {k: list(v) for k, v in self.positions.items()},
-            "next_worker": self.next_worker,
-            "num_workers": self.config.data.num_workers,
+            "stream": self.position.state_dict(),
         }
         path = checkpoint.save(
             self.engine,
@@ -241,25 +237,9 @@ class Trainer:
             return False
         meta = checkpoint.read_meta(latest)
         self.check_resumable(meta, latest)
-        # Checkpoints from before the engine key are ZeRO stage 1 (the default then).
-        configured = meta.get("config", {}).get("deepspeed", {}).get("zero_stage", 1)
-        written = meta.get("engine", {}).get("zero_stage", configured)
-        written_world = meta.get("world_size", self.env.world_size)
-        stage = self.engine_settings.resolved_zero_stage
-        if (written, written_world) == (stage, self.env.world_size) or written == stage == 0:
-            self.engine.load_checkpoint(  # DeepSpeed's own files, where they were written
-                str(latest.parent), tag=latest.name, load_module_strict=True, load_lr_scheduler_states=False
-            )
-        else:
-            log.warning(
-                "moving the optimizer state of %s from ZeRO stage %d on %d process(es) to stage %d on %d",
-                latest,
-                written,
-                written_world,
-                stage,
-                self.env.world_size,
-            )
-            portable.load_into(self.engine, checkpoint.load_weights(latest), portable.optimizer_state(latest))
+        checkpoint.restore(
+            self.engine, latest, meta, self.engine_settings.resolved_zero_stage, self.env.world_size
+        )
         self.step = self.saved_step = int(meta["step"])
         rank_state = checkpoint.load_rank_state(latest, self.env.rank)
         if rank_state is None:
@@ -270,16 +250,18 @@ class Trainer:
                 self.env.rank,
                 meta.get("world_size"),
             )
-        elif rank_state["num_workers"] != self.config.data.num_workers:
-            log.warning(
-                "data.num_workers changed from %d to %d: data stream positions cannot be kept",
-                rank_state["num_workers"],
-                self.config.data.num_workers,
-            )
         else:
-            checkpoint.set_rng_state(rank_state["rng"])
-            self.positions = {int(k): tuple(v) for k, v in rank_state["positions"].items()}
-            self.next_worker = int(rank_state["next_worker"])
+            stream = rank_state.get("stream", rank_state)  # older checkpoints: at the top level
+            position = StreamPosition.from_state(stream, self.config.data.num_workers)
+            if position is None:
+                log.warning(
+                    "data.num_workers changed from %d to %d: data stream positions cannot be kept",
+                    stream["num_workers"],
+                    self.config.data.num_workers,
+                )
+            else:
+                checkpoint.set_rng_state(rank_state["rng"])
+                self.position = position
         log.info("resumed from %s at step %d", latest, self.step)
         return True
 
@@ -293,8 +275,7 @@ class Trainer:
             self.config.run.seed,
             self.env.rank,
             self.config.data.shards_per_chunk,
-            dict(self.positions),
-            self.next_worker,
+            self.position,
             self.config.data.shuffle_buffer,
         )
         return iter(train_loader(stream, self.config.data.num_workers))
@@ -315,13 +296,11 @@ class Trainer:
             self.step, self.plan.total_steps, self.plan.warmup_steps, self.plan.lr, self.config.optim.min_lr
         )
 
-        positions, next_worker = dict(self.positions), self.next_worker
+        position = self.position.copy()
 
         def micro_loss(micro: int) -> torch.Tensor:
-            nonlocal next_worker
             batch = next(batches)
-            positions[batch["worker"]] = batch["position"]
-            next_worker = (batch["worker"] + 1) % max(1, self.config.data.num_workers)
+            position.advance(batch)
             self.bad_by_shard.update(batch["bad"])
             labels = batch["labels"].to(self.device, non_blocking=True)
             return self.forward_loss(self.normalize(batch["images"]), labels, micro)
@@ -329,7 +308,7 @@ class Trainer:
         loss = self.runner.run(self.step + 1, lr, micro_loss, want_norm=self.logs_at(self.step + 1))
         # The stream's position moves with completed steps only: a step cut short by a stop leaves
         # its batches unconsumed, to be read again on resume.
-        self.positions, self.next_worker = positions, next_worker
+        self.position = position
         return loss
 
     def logs_at(self, step: int) -> bool:

@@ -34,7 +34,7 @@ TIMM_NAMES = {  # (embed_dim, depth, patch) -> a timm architecture of that shape
     (1024, 24, 16): "vit_large_patch16_224",
     (1280, 32, 14): "vit_huge_patch14_224",
 }
-ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+ARCH_KEYS = checkpoint.ARCH_KEYS
 
 
 @dataclass
@@ -106,10 +106,7 @@ def infer_arch(state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
 def _from_mim_checkpoint(path: Path) -> Weights:
     meta = checkpoint.read_meta(path)
     state = checkpoint.load_weights(path)
-    if meta.get("stage") == "pretrain":
-        arch = {k: meta["model"]["arch"][k] for k in ARCH_KEYS}
-    else:
-        arch = dict(meta["backbone"]["arch"])
+    arch, _ = checkpoint.architecture(meta)
     state = _split_known_prefixes(state)
     return _weights(state, arch, f"mim {meta.get('stage')} checkpoint {path}", meta)
 
@@ -127,13 +124,8 @@ def load_weights(spec: str) -> Weights:
     if not path.exists():
         raise FileNotFoundError(f"init.from: {path} does not exist")
     if path.is_dir():
-        if (path / checkpoint.CHECKPOINT_DIR).is_dir():
-            latest = checkpoint.latest_checkpoint(path)
-            if latest is None:
-                raise BadCheckpoint(f"run dir {path} holds no complete checkpoint")
-            return _from_mim_checkpoint(latest)
-        if (path / checkpoint.META_FILE).is_file():
-            return _from_mim_checkpoint(path)
+        if checkpoint.is_mim_checkpoint(path):
+            return _from_mim_checkpoint(checkpoint.resolve(path))
         if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
             return _from_export(path)
         raise BadCheckpoint(f"{path} is neither a mim run dir, a mim checkpoint, nor a mim export")

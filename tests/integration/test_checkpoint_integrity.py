@@ -18,17 +18,12 @@ pytestmark = pytest.mark.slow
 ZERO_SHARD = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 
+DEBUG = ("--config", "configs/pretrain/debug.yaml", *GREY)
+
+
 def pretrain(run_dir, shards, stage, *overrides):
-    return run_cli(
-        "pretrain",
-        "--config",
-        "configs/pretrain/debug.yaml",
-        f"data.train={shards}",
-        f"run.dir={run_dir}",
-        f"deepspeed.zero_stage={stage}",
-        *GREY,
-        *overrides,
-    )
+    where = (f"data.train={shards}", f"run.dir={run_dir}", f"deepspeed.zero_stage={stage}")
+    return run_cli("pretrain", *DEBUG, *where, *overrides)
 
 
 def final_weights(run_dir):

@@ -69,17 +69,10 @@ def test_the_adamw_moments_land_exactly_on_one_process_at_any_stage(
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     source = checkpoint.latest_checkpoint(two_rank_runs[written])
-    moved, weights = portable.optimizer_state(source), checkpoint.load_weights(source)
+    moved, weights = checkpoint.optimizer_state(source), checkpoint.load_weights(source)
     model = create_model("mae_vit_debug", img_size=28, patch_size=7, in_chans=1)
-    settings = EngineSettings(
-        micro_batch_size=8,
-        accum_steps=2,
-        world_size=1,
-        zero_stage=stage,
-        precision="fp32",
-        grad_clip=None,
-        num_params=sum(p.numel() for p in model.parameters()),
-    )
+    size = sum(p.numel() for p in model.parameters())
+    settings = EngineSettings(8, 2, 1, stage, "fp32", None, num_params=size)  # batch 8 x 2 on 1 process
     engine = build_engine(model, param_groups(model, 0.05), settings)
     portable.load_into(engine, weights, moved)
     trained = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 
@@ -112,3 +113,38 @@ def test_second_job_on_the_same_run_dir_fails_fast(slurm, tmp_path, fmnist_shard
     assert result.returncode == 2 and "is in use by another process" in result.stderr
     assert f'"slurm_job_id": "{first}"' in result.stderr
     slurm.run("scancel", first)
+
+
+def test_a_requeued_job_whose_newest_checkpoint_is_damaged_resumes_from_the_one_before(
+    slurm, tmp_path, fmnist_shards
+):
+    """The checkpoint written at the preemption signal is damaged while the job waits to be
+    requeued (a node dying mid-write, a flaky filesystem): the requeued job sets it aside and
+    resumes from the previous one, instead of crash-looping or training on garbage."""
+    run = tmp_path / "run"
+    long_run = (
+        "schedule.epochs=25",
+        "log.every=5",
+        "run.checkpoint_every=40",
+        "run.stop_check_every=1",
+        "log.recon_every=0",
+    )
+    job = pretrain_job(slurm, run, fmnist_shards["train"], *long_run)
+    wait_for_step(run, job, 90)
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    deadline = time.monotonic() + 120
+    while not re.search(r"stopped at step \d+ of 200 \(signal\)", job_log(run, job)):
+        assert time.monotonic() < deadline, job_log(run, job)[-3000:]
+        time.sleep(0.2)
+    stopped = int(re.search(r"stopped at step (\d+) of 200 \(signal\)", job_log(run, job)).group(1))
+    *_, previous, newest = checkpoint.complete_checkpoints(run)
+    assert newest.name == checkpoint.step_name(stopped)
+    target = newest / "mp_rank_00_model_states.pt"
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # cut short
+    slurm.expedite_requeued(job)
+    final = slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=600)
+    log = job_log(run, job)
+    assert final == "COMPLETED", log[-3000:] + slurm.log_tail()
+    assert f"checkpoint {newest} is damaged: {target} is " in log and "set aside as damaged-" in log
+    assert f"resumed from {previous} at step {int(previous.name[5:])}" in log, log[-3000:]
+    assert checkpoint.read_meta(checkpoint.latest_checkpoint(run))["step"] == 200

@@ -16,7 +16,15 @@ from PIL import Image
 
 from mim.data.shards import open_shards, with_lengths, write_shards
 from mim.data.sources import csv_table, image_folder
-from mim.data.streams import EvalStream, TrainStream, ViewSpec, eval_loader, spread_subset, train_loader
+from mim.data.streams import (
+    EvalStream,
+    StreamPosition,
+    TrainStream,
+    ViewSpec,
+    eval_loader,
+    spread_subset,
+    train_loader,
+)
 from mim.data.transforms import random_resized_crop_box
 from tests.conftest import fashion_mnist_subset, jpeg_source, run_cli
 
@@ -181,13 +189,11 @@ def _take(loader, count):
 def test_train_stream_resumes_exactly_where_it_stopped(fmnist_shards, num_workers):
     shards = open_shards(str(fmnist_shards["train"]))
     straight = _take(train_loader(TrainStream(shards, _spec(), 16, seed=3, rank=0), num_workers), 12)
-    positions = {}
+    position = StreamPosition(num_workers)
     for batch in straight[:7]:
-        positions[batch["worker"]] = batch["position"]
-    next_worker = (straight[6]["worker"] + 1) % max(1, num_workers)
-    resumed_stream = TrainStream(
-        shards, _spec(), 16, seed=3, rank=0, start_positions=positions, first_worker=next_worker
-    )
+        position.advance(batch)
+    saved = StreamPosition.from_state(position.state_dict(), num_workers)  # as a checkpoint keeps it
+    resumed_stream = TrainStream(shards, _spec(), 16, seed=3, rank=0, start=saved)
     resumed = _take(train_loader(resumed_stream, num_workers), 5)
     for expected, got in zip(straight[7:], resumed, strict=True):
         assert torch.equal(expected["images"], got["images"]) and torch.equal(
