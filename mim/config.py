@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from mim.errors import UserInputError
+from mim.resources import config_path
 
 DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp;bmp;gif;tif;tiff;ppm"  # data.image_key (mim.data.members)
 DEFAULT_LABEL_KEY = "cls"  # data.label_key: what `mim shards` writes
@@ -330,7 +331,8 @@ def to_tree(config: Any) -> dict[str, Any]:
 
 
 def load_config(schema: type, path: str | Path | None, overrides: list[str]) -> Any:
-    tree = load_yaml_chain(path) if path else {}
+    """`path`: a YAML file or a recipe name (mim.resources.config_path)."""
+    tree = load_yaml_chain(config_path(path)) if path else {}
     return build(schema, apply_overrides(tree, overrides))
 
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mim.errors import UserInputError
+from mim.resources import shipped
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "mim.sbatch"
+TEMPLATE_NAME = "mim.sbatch"
 ENVIRONMENT_MARKER = "# mim-submit: environment"
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
 
@@ -80,7 +81,7 @@ def sbatch_options(spec: JobSpec) -> list[str]:
 
 def render(spec: JobSpec, template: str | None = None) -> str:
     spec.check()
-    text = template if template is not None else TEMPLATE.read_text()
+    text = template if template is not None else (shipped("slurm") / TEMPLATE_NAME).read_text()
     lines = [line for line in text.splitlines() if not line.startswith("#SBATCH")]
     shebang, body = lines[0], lines[1:]
     header = [f"#SBATCH {option}" for option in sbatch_options(spec)]

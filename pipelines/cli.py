@@ -15,6 +15,7 @@ STAGES = {
     "submit": "render slurm/mim.sbatch for a stage (or a chain of stages) and submit it",
     "visualize": "reconstruction pictures from a pretraining checkpoint",
     "demo": "the whole chain on CPU on Fashion-MNIST, with a results table and pictures",
+    "configs": "list the recipe configs that --config takes by name",
 }
 
 

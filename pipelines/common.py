@@ -27,7 +27,7 @@ EXIT_TRAINING_STOPPED = 3
 
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="YAML config (a recipe from configs/ or your own)")
+    parser.add_argument("--config", help="a YAML file, or a recipe name such as pretrain/mae_vit_base_p16 (mim configs)")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.batch_size=32"
     )

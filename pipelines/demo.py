@@ -20,7 +20,6 @@ from mim.runtime import format_duration
 from pipelines.common import reports_user_errors
 
 DEFAULT_DATA = Path("/usr/share/datasets/fashion-mnist")
-REPO = Path(__file__).resolve().parents[1]
 QUICK_SAMPLES = {"train": 6000, "test": 1000}  # --quick: a seeded tenth of Fashion-MNIST
 _EPOCH = f"data.samples_per_epoch={QUICK_SAMPLES['train']}"
 # --quick: the same chain in about two and a half minutes. Pretraining gets most of the budget: an
@@ -64,7 +63,7 @@ def stage(name: str, *arguments: str) -> float:
     """Runs `mim NAME ARGUMENTS` as a user would, streaming its output; returns seconds taken."""
     print(f"\n[demo] mim {name} {' '.join(arguments)}", flush=True)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", name, *arguments], cwd=REPO)
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", name, *arguments])
     if result.returncode != 0:
         raise SystemExit(f"[demo] mim {name} failed with exit code {result.returncode}")
     return time.monotonic() - started
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds["pretrain"] = stage(
         "pretrain",
         "--config",
-        "configs/demo/pretrain.yaml",
+        "demo/pretrain.yaml",
         f"data.train={shards['train']}",
         f"run.dir={out / 'pretrain'}",
         f"monitor.bank={shards['train']}",
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds["linprobe (MAE)"] = stage(
         "linprobe",
         "--config",
-        "configs/demo/linprobe.yaml",
+        "demo/linprobe.yaml",
         *splits,
         f"init.from={out / 'pretrain'}",
         f"run.dir={out / 'linprobe-mae'}",
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds["linprobe (random)"] = stage(
         "linprobe",
         "--config",
-        "configs/demo/linprobe.yaml",
+        "demo/linprobe.yaml",
         *splits,
         "init.from=none",
         "model.name=mae_vit_demo_patch7",
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds["finetune"] = stage(
         "finetune",
         "--config",
-        "configs/demo/finetune.yaml",
+        "demo/finetune.yaml",
         *splits,
         f"init.from={out / 'pretrain'}",
         f"run.dir={out / 'finetune-mae'}",

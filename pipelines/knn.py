@@ -29,7 +29,7 @@ log = logging.getLogger("mim.knn")
 @reports_user_errors("mim knn")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mim knn", description=__doc__)
-    parser.add_argument("--config", default="configs/linprobe/base.yaml")
+    parser.add_argument("--config", default="linprobe/base", help="a YAML file or a recipe name (mim configs)")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument(

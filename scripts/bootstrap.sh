@@ -48,6 +48,10 @@ create_venv() {
   if [[ -f "$stamp" && "$stamp" -nt pyproject.toml ]]; then
     return 0
   fi
+  # This project's distribution was called "mim" before "mim-mae": drop that install of this checkout.
+  if "$VENV/bin/python" -m pip show mim 2>/dev/null | grep -qx "Editable project location: $(pwd)"; then
+    "$VENV/bin/python" -m pip uninstall -y -q mim
+  fi
   # torch first, pinned to the builds this machine kind carries on disk; the project
   # itself only asks for a range.
   # shellcheck disable=SC2086

@@ -1,0 +1,448 @@
+"""Sample streams over WebDataset shards.
+
+Training (`TrainStream`): resampled shards, no epoch boundary. Each (rank, worker) stream is a
+sequence of chunks; chunk k draws `shards_per_chunk` shards with replacement and shuffles their
+samples, all from an RNG seeded by (seed, rank, worker, k). Its position is therefore two numbers
+(chunk, offset), which every batch carries with its (logical) worker id; a `StreamPosition` holds
+the position of the last batch consumed from each worker and which worker is due next (the
+trainer advances it as it consumes batches and saves it), and a resumed stream continues exactly
+there.
+
+Evaluation (`EvalStream`): every sample of the split (or of a subset of it) exactly once
+across all ranks and workers: contiguous ranges of the global sample indices, split by rank, then
+by worker.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import random
+import signal
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mim.data.members import DEFAULT_IMAGE_KEY, DEFAULT_LABEL_KEY, missing_label, sample_image, sample_label
+from mim.data.reading import ReadPolicy, ShardUnreadable, basename, stream_samples
+from mim.data.shards import ShardSet
+from mim.data.transforms import BadSample, eval_view, train_view
+from mim.errors import TrainingStopped
+from mim.runtime import interruptible
+
+log = logging.getLogger(__name__)
+MAX_EMPTY_CHUNKS = 10
+ALL_BAD_SAMPLES = 256  # a worker whose first this many samples are all unusable stops the run
+LOGGED_BAD_PER_SHARD = 3  # then bad samples of that shard are counted, not logged one by one
+
+
+def derived_seed(*parts: int) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    img_size: int
+    mode: str  # "RGB" or "L"
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    needs_label: bool = False
+    randaug: str = ""  # a timm RandAugment string applied after the crop (fine-tuning)
+    reduced_decode: bool = True  # JPEGs decode at a reduced DCT scale where the crop allows
+    image_key: str = DEFAULT_IMAGE_KEY  # data.image_key (mim.data.members)
+    label_key: str = DEFAULT_LABEL_KEY  # data.label_key
+
+
+def eval_spec(spec: ViewSpec) -> ViewSpec:
+    """The evaluation view of a training spec: same size, mode, decoding and members; labels required."""
+    return ViewSpec(
+        spec.img_size,
+        spec.mode,
+        needs_label=True,
+        reduced_decode=spec.reduced_decode,
+        image_key=spec.image_key,
+        label_key=spec.label_key,
+    )
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class _SampleReader:
+    """Streams the samples of one shard at a time (local, http(s) or `pipe:`, retried where that
+    can help). Bad samples, shards that cannot be read to their end and empty shards are counted
+    per shard (by file name) and logged, never raised."""
+
+    def __init__(self, policy: ReadPolicy) -> None:
+        self.policy = policy
+        self.bad: collections.Counter[str] = collections.Counter()
+        self.reported: collections.Counter[str] = collections.Counter()
+
+    def count_bad(self, url: str, why: object, what: str = "bad sample in") -> None:
+        """Counted always; logged for the first few of each shard, so a log never grows without bound."""
+        name = basename(url)
+        self.bad[name] += 1
+        if self.bad[name] <= LOGGED_BAD_PER_SHARD:
+            log.warning("skipping %s %s: %s", what, url, why)
+        if self.bad[name] == LOGGED_BAD_PER_SHARD:
+            log.warning("further bad samples in %s are counted, not logged", name)
+
+    def samples(self, url: str) -> Iterator[dict]:
+        delivered = 0
+        try:
+            for sample in stream_samples(url, self.policy):
+                delivered += 1
+                yield sample
+        except ShardUnreadable as error:  # what came before the failure is kept
+            self.count_bad(url, str(error).removeprefix(f"{url}: "), what="the rest of shard")
+            return
+        if not delivered:
+            self.count_bad(url, "the shard holds no samples")
+
+    def new_bad(self) -> dict[str, int]:
+        """Bad samples per shard since the last call."""
+        new = self.bad - self.reported
+        self.reported = collections.Counter(self.bad)
+        return dict(new)
+
+
+def _decode_sample(sample: dict, spec: ViewSpec, view: Callable) -> tuple[torch.Tensor, int]:
+    payload = sample_image(sample, spec.image_key)
+    label = sample_label(sample, spec.label_key)
+    if label is None:
+        if spec.needs_label:
+            raise missing_label(sample, spec.label_key)
+        label = -1
+    return view(payload), label
+
+
+@dataclass
+class StreamPosition:
+    """Where a rank's training stream is: per logical worker the (chunk, samples into it) of the
+    last batch consumed, and whose batch is due next. The trainer advances a copy with each batch
+    of a step and keeps it once the step is complete; it travels in the rank's checkpoint state
+    (`state_dict`, `from_state`) and starts the resumed `TrainStream` (`start`)."""
+
+    num_workers: int
+    workers: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    next_worker: int = 0
+
+    def advance(self, batch: dict) -> None:
+        self.workers[batch["worker"]] = tuple(batch["position"])
+        self.next_worker = (batch["worker"] + 1) % max(1, self.num_workers)
+
+    def copy(self) -> StreamPosition:
+        return StreamPosition(self.num_workers, dict(self.workers), self.next_worker)
+
+    def state_dict(self) -> dict:
+        return {
+            "positions": {worker: list(at) for worker, at in self.workers.items()},
+            "next_worker": self.next_worker,
+            "num_workers": self.num_workers,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, num_workers: int) -> StreamPosition | None:
+        """The saved position; None where it cannot be kept (another data.num_workers: the
+        logical workers' streams are not the same ones)."""
+        if state["num_workers"] != num_workers:
+            return None
+        workers = {int(worker): tuple(at) for worker, at in state["positions"].items()}
+        return cls(num_workers, workers, int(state["next_worker"]))
+
+
+class TrainStream(IterableDataset):
+    def __init__(
+        self,
+        shards: ShardSet,
+        spec: ViewSpec,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        shards_per_chunk: int = 2,
+        start: StreamPosition | None = None,
+        shuffle_buffer: int = 1000,
+    ) -> None:
+        self.shards, self.spec, self.batch_size = shards, spec, batch_size
+        self.seed, self.rank, self.shards_per_chunk = seed, rank, shards_per_chunk
+        self.shuffle_buffer = shuffle_buffer
+        self.start_positions = dict(start.workers) if start is not None else {}
+        # The DataLoader takes batches from its workers in turn, starting with worker 0; a resumed
+        # stream lets worker 0 play the logical worker whose batch was due next.
+        self.first_worker = start.next_worker if start is not None else 0
+
+    def _chunk(self, worker: int, chunk: int) -> tuple[random.Random, list[str]]:
+        rng = random.Random(derived_seed(self.seed, self.rank, worker, chunk))
+        return rng, [rng.choice(self.shards.urls) for _ in range(self.shards_per_chunk)]
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        worker = (worker + self.first_worker) % num_workers
+        chunk, offset = self.start_positions.get(worker, (0, 0))
+        reader = _SampleReader(self.shards.read)
+        extra = _randaug(self.spec) if self.spec.randaug else None
+        images, labels = [], []
+        empty_chunks, good, bad = 0, 0, 0
+        while True:
+            rng, urls = self._chunk(worker, chunk)
+            samples = (sample for url in urls for sample in reader.samples(url))
+            read_any = False
+            for position, sample in enumerate(shuffled(samples, rng, self.shuffle_buffer)):
+                read_any = True
+                if position < offset:  # resuming: the chunk is read again up to where it stopped
+                    continue
+                view_rng = random.Random(derived_seed(self.seed, self.rank, worker, chunk, position))
+                view = lambda payload, r=view_rng: train_view(  # noqa: E731
+                    payload,
+                    self.spec.mode,
+                    self.spec.img_size,
+                    r,
+                    self.spec.crop_scale,
+                    self.spec.hflip,
+                    extra,
+                    self.spec.reduced_decode,
+                )
+                try:
+                    image, label = _decode_sample(sample, self.spec, view)
+                except BadSample as error:
+                    reader.count_bad(sample.get("__url__", "?"), error)
+                    bad += 1
+                    if bad == ALL_BAD_SAMPLES and not good:  # nothing usable: waiting would be forever
+                        raise TrainingStopped(
+                            f"the first {bad} samples read were all unusable, e.g. {error}"
+                        ) from None
+                    continue
+                good += 1
+                images.append(image)
+                labels.append(label)
+                if len(images) == self.batch_size:
+                    yield {
+                        "images": torch.stack(images),
+                        "labels": torch.tensor(labels),
+                        "worker": worker,
+                        "position": (chunk, position + 1),
+                        "bad": reader.new_bad(),  # shard file name -> bad samples since the last batch
+                    }
+                    images, labels = [], []
+            empty_chunks = 0 if read_any else empty_chunks + 1
+            if empty_chunks == MAX_EMPTY_CHUNKS:  # without this the loader would wait forever
+                worst = ", ".join(name for name, _ in reader.bad.most_common(3))
+                raise TrainingStopped(
+                    f"no readable sample in {MAX_EMPTY_CHUNKS} chunks of shards in a row (failing: "
+                    f"{worst}); are the shards reachable and are they tar files?"
+                )
+            chunk, offset = chunk + 1, 0
+
+
+def shuffled(samples: Iterable[dict], rng: random.Random, size: int) -> Iterator[dict]:
+    """`samples` in a random order drawn from `rng`, holding at most `size` of them at a time:
+    once the buffer is full, each new sample takes the place of a random one, which comes out."""
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        slot = rng.randrange(size)
+        yield buffer[slot]
+        buffer[slot] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _randaug(spec: ViewSpec) -> Callable:
+    from timm.data.auto_augment import rand_augment_transform
+
+    fill = (124, 116, 104) if spec.mode == "RGB" else (124,)
+    transform = rand_augment_transform(
+        spec.randaug, {"translate_const": int(spec.img_size * 0.45), "img_mean": fill}
+    )
+    for op in transform.ops:
+        # At magnitude 10 timm's increasing posterize keeps 0 bits, which Pillow >= 11 refuses;
+        # 9 keeps 1 bit, the strongest posterize Pillow allows.
+        if op.name == "PosterizeIncreasing":
+            op.magnitude_max = min(op.magnitude_max or 10, 9)
+    return transform
+
+
+def index_ranges(total: int, parts: int) -> list[tuple[int, int]]:
+    return [(part * total // parts, (part + 1) * total // parts) for part in range(parts)]
+
+
+class EvalStream(IterableDataset):
+    """Yields (image, label, global index) for every sample of this rank's share exactly once. The
+    share is a contiguous part of the split's indices, or of `subset` (sorted global indices) when
+    given: ranks split it, then workers split each rank's part."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        spec: ViewSpec,
+        rank: int,
+        world_size: int,
+        crop_fraction: float,
+        subset: Sequence[int] | None = None,
+    ) -> None:
+        if shards.lengths is None:
+            raise ValueError("evaluation needs per-shard sample counts (an _info.json, or count them first)")
+        self.shards, self.spec, self.crop_fraction = shards, spec, crop_fraction
+        indices = range(shards.num_samples) if subset is None else tuple(subset)
+        start, stop = index_ranges(len(indices), world_size)[rank]
+        self.indices = indices[start:stop]  # a range stays a range: membership tests are O(1)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
+        worker, num_workers = _worker()
+        start, stop = index_ranges(len(self.indices), num_workers)[worker]
+        wanted = self.indices[start:stop]
+        if not wanted:
+            return
+        members = wanted if isinstance(wanted, range) else frozenset(wanted)
+        reader = _SampleReader(self.shards.read)
+        shard_start = 0
+        for url, length in zip(self.shards.urls, self.shards.lengths, strict=True):
+            shard_stop = shard_start + length
+            # wanted[first:stop] are this shard's wanted indices (bisect works on a range too)
+            first, stop = bisect.bisect_left(wanted, shard_start), bisect.bisect_left(wanted, shard_stop)
+            if stop > first:
+                yield from self._read_range(url, shard_start, members, wanted[stop - 1], reader)
+            shard_start = shard_stop
+
+    def _read_range(
+        self, url: str, first_index: int, members: Container[int], last: int, reader: _SampleReader
+    ) -> Iterator[tuple[torch.Tensor, int, int]]:
+        view = lambda payload: eval_view(  # noqa: E731
+            payload, self.spec.mode, self.spec.img_size, self.crop_fraction, self.spec.reduced_decode
+        )
+        for offset, sample in enumerate(reader.samples(url)):
+            index = first_index + offset
+            if index > last:  # the rest of the shard is not wanted: stop reading it
+                break
+            if index in members:
+                try:
+                    image, label = _decode_sample(sample, self.spec, view)
+                except BadSample as error:
+                    reader.count_bad(url, f"{index}: {error}", what="evaluation sample in")
+                    continue
+                yield image, label, index
+
+
+def spread_subset(lengths: list[int], count: int | None) -> tuple[int, ...] | None:
+    """`count` sample indices spread over every shard in proportion to its size: the first samples
+    of each, so reading them costs what they hold, not the whole split (`mim shards` mixes the
+    classes within each shard). None (the whole split) when `count` is None or not smaller."""
+    total = sum(lengths)
+    if count is None or count >= total:
+        return None
+    exact = [count * length / total for length in lengths]
+    quotas = [int(share) for share in exact]
+    by_remainder = sorted(range(len(lengths)), key=lambda i: (quotas[i] - exact[i], i))
+    for shard in by_remainder[: count - sum(quotas)]:
+        quotas[shard] += 1
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    return tuple(
+        start + offset for start, quota in zip(starts, quotas, strict=True) for offset in range(quota)
+    )
+
+
+def first_images(shards: ShardSet, spec: ViewSpec, count: int, max_shards: int = 8) -> list[torch.Tensor]:
+    """The first `count` readable images of the first shards (whole images, eval view), read only
+    as far as needed: a fixed set to show, wherever the shards live."""
+    reader, images = _SampleReader(shards.read), []
+    unlabelled = dataclasses.replace(spec, needs_label=False)
+    view = lambda payload: eval_view(payload, spec.mode, spec.img_size, 1.0, spec.reduced_decode)  # noqa: E731
+    for url in shards.urls[:max_shards]:
+        for sample in reader.samples(url):
+            try:
+                images.append(_decode_sample(sample, unlabelled, view)[0])
+            except BadSample:
+                continue
+            if len(images) == count:
+                return images
+    return images
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Stop signals are for the training process, which checkpoints; a worker killed by one would
+    break the batch the main process is waiting for."""
+    for number in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+
+
+class _Loader(DataLoader):
+    """A DataLoader that a stop signal can cut short: each wait for a batch is `interruptible` as
+    `waiting` (when set; an evaluation marks its whole loop instead), and when it is left before its
+    end (StopWhileWaiting, or closed early) the worker processes are killed at once, where the
+    loader's own shutdown would join each for seconds (a worker blocked on a read never sees it)."""
+
+    def __init__(self, *args, waiting: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiting = waiting
+
+    def __iter__(self) -> Iterator:
+        iterator = super().__iter__()
+        try:
+            while True:
+                with interruptible(self.waiting) if self.waiting else contextlib.nullcontext():
+                    batch = next(iterator, _END)
+                if batch is _END:
+                    return
+                yield batch
+        except BaseException:  # a stop cut a wait short, or the consumer let the loader go early
+            _kill_workers(iterator)
+            raise
+
+
+_END = object()
+
+
+def _kill_workers(iterator) -> None:
+    """torch has no public way to drop a loader whose workers are blocked: take them out of its
+    SIGCHLD check (which would report the kill as a worker crash), then kill them (they ignore
+    SIGTERM); the loader's own shutdown then finds them gone."""
+    workers = getattr(iterator, "_workers", None)  # absent without worker processes
+    if not workers:
+        return
+    if getattr(iterator, "_worker_pids_set", False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+    for worker in workers:
+        worker.kill()
+
+
+def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
+    return _Loader(
+        stream,
+        batch_size=None,  # the stream batches itself, so each batch carries one worker's position
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+        worker_init_fn=_ignore_stop_signals,
+        waiting="waiting for training data",
+    )
+
+
+def eval_loader(
+    stream: EvalStream, batch_size: int, num_workers: int, generator: torch.Generator | None = None
+) -> DataLoader:
+    """`generator`: where the loader draws its workers' base seed; a private one leaves the global
+    RNG (and so a training run around the evaluation) untouched."""
+    return _Loader(
+        stream,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_ignore_stop_signals,
+        generator=generator,
+    )

@@ -1,0 +1,245 @@
+"""Linear probing and fine-tuning: the shared loop with a classification loss, evaluation on the
+validation shards at epoch ends, and metrics.json (per evaluation and best)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.loss import SoftTargetCrossEntropy
+
+from mim.config import ClassifyConfig
+from mim.data.shards import ShardSet
+from mim.data.streams import ViewSpec, derived_seed, eval_spec
+from mim.distributed import DistEnv, all_reduce_sum
+from mim.engine.evaluate import evaluate, extract_features, top_k_counts
+from mim.engine.trainer import Trainer
+from mim.runtime import StopSignal
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.json"
+
+
+class ClassifierTrainer(Trainer):
+    def __init__(
+        self,
+        stage: str,
+        config: ClassifyConfig,
+        model: torch.nn.Module,
+        groups: list[dict],
+        shards: ShardSet,
+        val_shards: ShardSet,
+        view_spec: ViewSpec,
+        env: DistEnv,
+        device: torch.device,
+        description: dict[str, Any],
+        stop: StopSignal | None = None,
+    ) -> None:
+        self.stage = stage
+        self.description = description  # backbone, arch, num_classes, head lrs: goes into meta and metrics
+        self.val_shards = val_shards
+        super().__init__(config, shards, env, device, model, groups, view_spec, stop, config.optim.optimizer)
+        augment, num_classes = config.augment, description["num_classes"]
+        self.mixup = None
+        if stage == "finetune" and (augment.mixup > 0 or augment.cutmix > 0):
+            self.mixup = Mixup(
+                mixup_alpha=augment.mixup,
+                cutmix_alpha=augment.cutmix,
+                label_smoothing=augment.label_smoothing,
+                num_classes=num_classes,
+            )
+        self.erasing = (
+            RandomErasing(augment.reprob, mode="pixel", device=str(device))
+            if stage == "finetune" and augment.reprob > 0
+            else None
+        )
+        self.eval_every = max(1, round(config.eval.every_epochs * self.plan.steps_per_epoch))
+        self.metrics = self.load_metrics()
+
+    # ------------------------------------------------------------------ loss
+
+    def forward_loss(self, images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
+        if self.stage == "linprobe":
+            logits = self.engine(images)  # (H, N, C): every head sees the same frozen features
+            return sum(F.cross_entropy(head_logits.float(), labels) for head_logits in logits)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+            if self.erasing is not None:
+                images = self.erasing(images)
+            return SoftTargetCrossEntropy()(self.engine(images).float(), targets)
+        if self.erasing is not None:
+            images = self.erasing(images)
+        return F.cross_entropy(
+            self.engine(images).float(), labels, label_smoothing=self.config.augment.label_smoothing
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def logits_of(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.engine(self.normalize(images))
+        return logits if self.stage == "linprobe" else logits.unsqueeze(0)
+
+    def after_step(self) -> None:
+        if self.step % self.eval_every == 0 or self.step == self.plan.total_steps:
+            self.evaluate_now()
+
+    def evaluate_now(self) -> dict:
+        self.engine.eval()
+        spec = eval_spec(self.view_spec)
+        result = evaluate(
+            self.logits_of,
+            self.val_shards,
+            spec,
+            self.env,
+            self.device,
+            self.config.data.batch_size,
+            self.config.data.num_workers,
+            self.config.eval.crop_fraction,
+        )
+        self.engine.train()
+        return self.record_evaluation(result)
+
+    def record_evaluation(self, result: dict) -> dict:
+        epoch = self.step / self.plan.steps_per_epoch
+        record = {"epoch": round(epoch, 3), "step": self.step, **result}
+        self.metrics["evaluations"].append(record)
+        best_head = max(range(len(result["top1"])), key=lambda h: result["top1"][h])
+        log.info(
+            "%s eval at epoch %.2f: top-1 %s  top-5 %s  (%d samples)",
+            self.stage,
+            epoch,
+            " ".join(f"{v:.2f}" for v in result["top1"]),
+            " ".join(f"{v:.2f}" for v in result["top5"]),
+            result["num_samples"],
+        )
+        self.scalar("eval/top1", result["top1"][best_head])
+        self.scalar("eval/top5", result["top5"][best_head])
+        for head, value in enumerate(result["top1"]):
+            self.scalar(f"eval/top1_head{head}", value)
+        self.write_metrics()
+        return record
+
+    # ------------------------------------------------------------------ metrics.json
+
+    def load_metrics(self) -> dict:
+        path = self.run_dir / METRICS_FILE
+        metrics = {"stage": self.stage, **self.description, "evaluations": []}
+        if path.is_file():  # resuming: keep what earlier attempts measured
+            metrics["evaluations"] = json.loads(path.read_text()).get("evaluations", [])
+        return metrics
+
+    def write_metrics(self) -> None:
+        self.metrics["evaluations"] = [e for e in self.metrics["evaluations"] if e["step"] <= self.step]
+        evaluations = self.metrics["evaluations"]
+        best = max(
+            ((e, h) for e in evaluations for h in range(len(e["top1"]))), key=lambda p: p[0]["top1"][p[1]]
+        )
+        final = evaluations[-1]
+        final_head = max(range(len(final["top1"])), key=lambda h: final["top1"][h])
+        self.metrics["best"] = {
+            "epoch": best[0]["epoch"],
+            "head": best[1],
+            "top1": best[0]["top1"][best[1]],
+            "top5": best[0]["top5"][best[1]],
+        }
+        self.metrics["final"] = {
+            "epoch": final["epoch"],
+            "head": final_head,
+            "top1": final["top1"][final_head],
+            "top5": final["top5"][final_head],
+            "num_samples": final["num_samples"],
+        }
+        if self.env.is_main:
+            path = Path(self.run_dir) / METRICS_FILE
+            temporary = path.with_name(path.name + ".tmp")
+            temporary.write_text(json.dumps(self.metrics, indent=1))
+            temporary.replace(path)
+
+    def meta(self) -> dict:
+        return dict(
+            super().meta(),
+            backbone={"arch": self.description["arch"], "source": self.description["source"]},
+            num_classes=self.description["num_classes"],
+            global_pool=self.config.model.global_pool,
+            metrics=self.metrics.get("final"),
+        )
+
+
+class CachedFeatureProbe(ClassifierTrainer):
+    """probe.cache_features: the frozen backbone runs once over the (centre-cropped) training and
+    validation splits; the heads then train for many epochs on those features. Much faster than
+    streaming augmented images through the backbone every epoch; the MAE protocol's augmentation
+    is given up for it. The data position is (epoch, offset) into a seeded permutation."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        module = self.engine.module
+        extract = lambda shards: extract_features(  # noqa: E731
+            lambda images: module.features(self.normalize(images)),
+            shards,
+            eval_spec(self.view_spec),
+            self.env,
+            self.device,
+            self.config.data.batch_size,
+            self.config.data.num_workers,
+            self.config.eval.crop_fraction,
+            l2_normalize=False,
+            gather=False,
+        )
+        started = time.monotonic()
+        module.eval()
+        with torch.no_grad():
+            self.train_features, self.train_labels = extract(self.shards)
+            self.val_features, self.val_labels = extract(self.val_shards)
+        module.takes_features = True
+        log.info(
+            "cached features of %d training and %d validation samples (this rank) in %.0f s",
+            len(self.train_labels),
+            len(self.val_labels),
+            time.monotonic() - started,
+        )
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:  # images on their way into the backbone
+            return super().normalize(images)
+        return images.to(self.device, self.input_dtype)  # cached features
+
+    def batches(self):
+        epoch, offset = self.position.workers.get(0, (0, 0))
+        size, count = self.config.data.batch_size, len(self.train_labels)
+        while True:
+            generator = torch.Generator().manual_seed(
+                derived_seed(self.config.run.seed, self.env.rank, epoch)
+            )
+            order = torch.randperm(count, generator=generator).to(self.train_labels.device)
+            for start in range(offset, count - size + 1, size):
+                chosen = order[start : start + size]
+                yield {
+                    "images": self.train_features[chosen],
+                    "labels": self.train_labels[chosen],
+                    "worker": 0,
+                    "position": (epoch, start + size),
+                    "bad": {},
+                }
+            epoch, offset = epoch + 1, 0
+
+    def evaluate_now(self) -> dict:
+        self.engine.eval()
+        with torch.no_grad():
+            logits = self.engine(self.normalize(self.val_features)).float()
+        self.engine.train()
+        correct = all_reduce_sum(top_k_counts(logits, self.val_labels))
+        count = all_reduce_sum(torch.tensor(float(len(self.val_labels)), device=self.device)).item()
+        result = {
+            "top1": (correct[0] * 100 / count).tolist(),
+            "top5": (correct[1] * 100 / count).tolist(),
+            "num_samples": int(count),
+        }
+        return self.record_evaluation(result)

@@ -1,0 +1,210 @@
+"""The one module that builds a DeepSpeed engine, configured so that it adds no per-step tax
+over a plain PyTorch loop (benchmarks/pretrain_step.py measures the two side by side):
+
+- bf16 is DeepSpeed's `torch_autocast` mode (fp32 weights, gradients and optimizer state, bf16
+  matmuls), the same math as the official MAE loop; DeepSpeed's `bf16` section would keep bf16
+  weights and check every gradient tensor for inf/NaN on every step.
+- `zero_stage: auto` is the lowest stage whose model states (fp32 weights, gradients, optimizer
+  state) fit in half the device's memory (`choose_zero_stage`): stage 0 for every registered
+  model up to ViT-H on a 40 GB GPU, since partitioning what fits buys nothing and costs a
+  per-step tax. At stage 0 on several processes mim averages the gradients during backward
+  (engine.grad_sync); on one process there is nothing to average and no all-reduce runs.
+- DeepSpeed's throughput timer, which synchronises the device twice a step, is off; mim measures
+  its own rate at log steps.
+- AdamW is torch's fused kernel wherever the device has one.
+- The model can be compiled (`engine.compile()`, in place: state-dict names do not change).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    micro_batch_size: int
+    accum_steps: int
+    world_size: int
+    zero_stage: int | str  # 0 | 1 | 2 | auto
+    precision: str  # auto | bf16 | fp16 | fp32
+    grad_clip: float | None
+    betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: str = "adamw"  # adamw | lars
+    compile: bool | str = False  # true | false | auto (on CUDA only)
+    num_params: int = 0  # trainable parameters: what zero_stage auto has to fit
+    device_memory: int | None = None  # bytes per process for zero_stage auto; None: this device's
+    zero_options: tuple[tuple[str, object], ...] = ()  # extra zero_optimization keys (benchmarks)
+
+    @property
+    def resolved_zero_stage(self) -> int:
+        return resolve_zero_stage(
+            self.zero_stage, self.world_size, self.num_params, self.device_memory, self.optimizer
+        )
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+MODEL_STATE_SHARE = 0.5  # of device memory for weights, gradients and optimizer state; the rest
+# is for activations, communication buckets and the allocator's slack
+
+
+def model_state_bytes(num_params: int, world_size: int, stage: int, optimizer: str = "adamw") -> float:
+    """Per process: fp32 weights (4 bytes a parameter), fp32 gradients (4) and optimizer state
+    (AdamW's two moments 8, LARS's momentum 4); stage 1 partitions the optimizer state over the
+    processes, stage 2 the gradients too (DeepSpeed keeps an fp32 copy of the partitioned
+    weights at stages 1 and 2: counted in the optimizer state's share)."""
+    optimizer_bytes = 8 if optimizer == "adamw" else 4
+    if stage == 0:
+        return num_params * (4 + 4 + optimizer_bytes)
+    if stage == 1:
+        return num_params * (4 + 4 + (4 + optimizer_bytes) / world_size)
+    return num_params * (4 + (4 + 4 + optimizer_bytes) / world_size)
+
+
+def device_memory_bytes() -> int:
+    """Memory one process may use: the GPU's, or this machine's RAM shared by its processes."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or 1)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local)
+
+
+def choose_zero_stage(num_params: int, world_size: int, device_memory: int, optimizer: str = "adamw") -> int:
+    """The lowest ZeRO stage whose model states fit in MODEL_STATE_SHARE of the device memory;
+    2 where none does (with one process there is nothing to partition: 0)."""
+    if world_size == 1:
+        return 0
+    budget = MODEL_STATE_SHARE * device_memory
+    for stage in (0, 1):
+        if model_state_bytes(num_params, world_size, stage, optimizer) <= budget:
+            return stage
+    return 2
+
+
+def resolve_zero_stage(
+    zero_stage: int | str,
+    world_size: int,
+    num_params: int = 0,
+    device_memory: int | None = None,
+    optimizer: str = "adamw",
+) -> int:
+    """The stage asked for; auto: `choose_zero_stage` for this model on this device."""
+    if zero_stage != "auto":
+        return int(zero_stage)
+    if world_size == 1:
+        return 0
+    memory = device_memory if device_memory is not None else device_memory_bytes()
+    return choose_zero_stage(num_params, world_size, memory, optimizer)
+
+
+def resolve_compile(compile_model: bool | str) -> bool:
+    """auto: compile on CUDA, where it pays; on the CPU compiling costs more than it gives."""
+    if compile_model == "auto":
+        return torch.cuda.is_available()
+    return bool(compile_model)
+
+
+def input_dtype(precision: str) -> torch.dtype:
+    """The dtype images enter the engine in: fp16 weights take fp16 inputs; bf16 autocast and
+    fp32 take fp32 (autocast casts inside the matmuls)."""
+    return torch.float16 if resolve_precision(precision) == "fp16" else torch.float32
+
+
+def deepspeed_config(settings: EngineSettings) -> dict:
+    precision = resolve_precision(settings.precision)
+    zero_stage = settings.resolved_zero_stage
+    config = {
+        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
+        "gradient_accumulation_steps": settings.accum_steps,
+        "train_batch_size": settings.micro_batch_size * settings.accum_steps * settings.world_size,
+        "zero_optimization": zero_optimization(zero_stage, settings.zero_options),
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,  # mim logs by itself
+        "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False}},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+    }
+    if precision == "bf16":
+        # No module listed as safe for lower precision: gradients are all-reduced in fp32, as DDP
+        # does in the official loop (DeepSpeed's default would sum Linear gradients in bf16).
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    # Stage 0 clips in mim (one fused pass, no host sync: see engine.step.StepRunner); ZeRO clips
+    # the partitions it owns. Always said: DeepSpeed's own default is to clip at 1.0.
+    config["gradient_clipping"] = settings.grad_clip if settings.grad_clip and zero_stage > 0 else 0.0
+    return config
+
+
+def zero_optimization(stage: int, options: tuple[tuple[str, object], ...] = ()) -> dict:
+    """DeepSpeed's ZeRO section. Stage 1 keeps whole gradients in each parameter's .grad, so
+    DeepSpeed's contiguous_gradients buys no memory there; it only adds a Python hook per
+    parameter on every backward (README: Speed, `--zero-option contiguous_gradients=false`).
+    Stage 2 keeps it (DeepSpeed's default): it keeps partitioned gradients from fragmenting GPU
+    memory in the large models that auto sends there. The gradient norm is switched per step by
+    StepRunner."""
+    section: dict = {"stage": stage}
+    if stage == 1:
+        section["contiguous_gradients"] = False
+    if stage > 0:
+        section.update(options)
+    return section
+
+
+def make_optimizer(groups: list[dict], settings: EngineSettings) -> torch.optim.Optimizer:
+    # "names" is ours, for messages and tests; torch's optimizers keep unknown group keys.
+    if settings.optimizer == "lars":
+        from timm.optim import Lars
+
+        return Lars(groups, lr=0.0, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=0.0, betas=settings.betas, fused=True)
+
+
+def build_engine(model: nn.Module, groups: list[dict], settings: EngineSettings):
+    """Wraps `model` and an optimizer over `groups` in a DeepSpeed engine. The lr is set every
+    step by the caller (schedule.apply_lr on engine.optimizer.param_groups)."""
+    import deepspeed
+
+    optimizer = make_optimizer(groups, settings)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(settings), dist_init_required=False
+    )
+    if settings.world_size == 1 and settings.resolved_zero_stage == 0:
+        # An all-reduce over one process averages nothing but flattens and copies every gradient.
+        engine.enable_backward_allreduce = False
+    # DeepSpeed's stage-0 zero_grad walks the module tree for its parameters on every step (a
+    # measurable share of a small model's step: README, Speed); the list does not change.
+    engine.zero_grad = _grads_to_none(list(model.parameters()))
+    if resolve_compile(settings.compile):
+        engine.compile()
+    return engine
+
+
+def _grads_to_none(parameters: list[nn.Parameter]):
+    def zero_grad() -> None:
+        for parameter in parameters:
+            parameter.grad = None
+
+    return zero_grad
+
+
+def engine_param_groups(engine) -> list[dict]:
+    """The param groups whose lr the optimizer really uses (ZeRO wraps the client optimizer)."""
+    return engine.optimizer.param_groups
+
+
+def engine_description(settings: EngineSettings) -> dict:
+    """What a checkpoint's optimizer state depends on: a resume needs the same."""
+    return {
+        "zero_stage": settings.resolved_zero_stage,
+        "precision": resolve_precision(settings.precision),
+    }

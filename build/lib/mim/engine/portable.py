@@ -1,0 +1,121 @@
+"""A run's AdamW state moved to another number of processes or another ZeRO stage.
+
+DeepSpeed resumes its own files only where they were written: ZeRO stages 1 and 2 split the
+optimizer state into one flat partition per process, and a checkpoint of one stage does not load
+at another. mim reads those files itself, into one portable state per parameter name (its first
+and second moments and its step count), and writes that into an engine of any stage on any number
+of processes. The weights come from the checkpoint's `model.safetensors` (the fp32 weights, which
+are also the fp32 master weights: mim trains in fp32 or autocast, never with half weights).
+
+The flat layout read here is DeepSpeed's own: a group's partitions, concatenated in rank order,
+hold its parameters in the order of `param_shapes` (the model states file), each followed by its
+alignment padding (`param_alignment_paddings`, from the optimizer shards). Stage 0 files hold a
+torch optimizer state_dict whose groups carry the parameters' names (mim's param groups do).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mim.errors import UserInputError
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _load(path: Path) -> dict:
+    # DeepSpeed's own files of this run (verified against the manifest before this is called):
+    # they hold DeepSpeed objects, so they need the full unpickler, as DeepSpeed's own load does.
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def optimizer_state(model_states: Path, shards: list[Path]) -> dict[str, dict[str, torch.Tensor]]:
+    """name -> {"exp_avg", "exp_avg_sq", "step"} for every trained parameter, from DeepSpeed's model
+    states file and its ZeRO optimizer shards in rank order (none at stage 0); any stage (0, 1, 2),
+    any number of processes. (mim.checkpoint knows where the files are.)"""
+    saved = _load(model_states)
+    if not shards:
+        return _from_torch_optimizer(saved["optimizer"], model_states)
+    return _from_zero_shards(saved["param_shapes"], [_load(path) for path in shards], model_states)
+
+
+def _from_torch_optimizer(saved: dict, where: Path) -> dict[str, dict[str, torch.Tensor]]:
+    state = {}
+    for group in saved["param_groups"]:
+        if "names" not in group:
+            raise UserInputError(
+                f"{where}: its optimizer groups carry no parameter names; it cannot be moved"
+            )
+        for index, name in zip(group["params"], group["names"], strict=True):
+            if index in saved["state"]:
+                entry = saved["state"][index]
+                state[name] = {key: entry[key] for key in (*MOMENTS, "step")}
+    return state
+
+
+def _from_zero_shards(
+    param_shapes: list[dict], shards: list[dict], where: Path
+) -> dict[str, dict[str, torch.Tensor]]:
+    optimizers = [shard["optimizer_state_dict"] for shard in shards]
+    paddings = optimizers[0].get("param_alignment_paddings")
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for group, shapes in enumerate(param_shapes):
+        flats = {
+            key: torch.cat(
+                [optimizer["base_optimizer_state"]["state"][group][key] for optimizer in optimizers]
+            )
+            for key in MOMENTS
+        }
+        step = optimizers[0]["base_optimizer_state"]["state"][group]["step"]
+        offset = 0
+        for index, (name, shape) in enumerate(shapes.items()):
+            numel = math.prod(shape)
+            state[name] = {
+                key: flat[offset : offset + numel].view(shape).clone() for key, flat in flats.items()
+            }
+            state[name]["step"] = step.clone()
+            offset += numel + (paddings[group][index] if paddings is not None else 0)
+        if offset > flats["exp_avg"].numel():
+            raise UserInputError(
+                f"{where}: group {group} holds {flats['exp_avg'].numel()} values, its shapes need {offset}"
+            )
+    return state
+
+
+def load_into(
+    engine: Any, weights: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]]
+) -> None:
+    """Sets the engine's module to `weights` and its optimizer to `state`, at whatever stage and on
+    however many processes it runs (every rank calls it)."""
+    engine.module.load_state_dict(weights, strict=True)
+    named = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+    missing = [name for name, _ in named if name not in state]
+    if missing:
+        raise UserInputError(f"the checkpoint's optimizer state has no entry for {missing[:5]}")
+    if engine.zero_optimization_stage() == 0:
+        for name, parameter in named:
+            engine.optimizer.state[parameter] = {
+                key: value.to(parameter.device).clone() for key, value in state[name].items()
+            }
+        return
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    # The flat partitions get their AdamW state at their first step, and DeepSpeed links each
+    # parameter to its slice of it then; a resumed engine has not stepped: make both now, as
+    # torch's AdamW would (a step tensor and zeroed moments), then fill the slices.
+    step = next(iter(state.values()))["step"]
+    optimizer = engine.optimizer
+    for flat in optimizer.single_partition_of_fp32_groups:
+        optimizer.optimizer.state[flat] = {
+            "step": step.clone().to(flat.device),
+            **{key: torch.zeros_like(flat) for key in MOMENTS},
+        }
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+    for name, parameter in named:
+        safe_set_full_fp32_param(parameter, weights[name].to(parameter.device))
+        for key in MOMENTS:
+            safe_set_full_optimizer_state(parameter, state[name][key].to(parameter.device), key)

@@ -1,0 +1,363 @@
+"""Checks of a config that need more than types, and the values derived from it: computed once,
+here, before any work starts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mim.config import (
+    ClassifyConfig,
+    ConfigError,
+    DataConfig,
+    DeepSpeedConfig,
+    MonitorConfig,
+    OptimConfig,
+    PretrainConfig,
+    ScheduleConfig,
+    require,
+)
+from mim.data.members import check_keys
+from mim.data.reading import ReadPolicy, ShardUnreadable
+from mim.data.shards import ShardSet, open_shards, with_lengths
+from mim.data.streams import spread_subset
+from mim.engine.evaluate import KnnSplits
+from mim.models.backbone import ARCH_KEYS, Weights, load_weights
+from mim.models.registry import model_args
+
+
+@dataclass(frozen=True)
+class Plan:
+    effective_batch: int  # samples per optimizer step, all ranks and micro-steps together
+    lr: float
+    samples_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def batch_split(effective_batch: int, world_size: int, batch_size: int) -> tuple[int, int] | None:
+    """(micro-batch, accumulation steps) per process that make `effective_batch` on `world_size`
+    processes, with the largest micro-batch up to `batch_size`; None where the processes cannot
+    share it evenly."""
+    if effective_batch % world_size:
+        return None
+    per_process = effective_batch // world_size
+    micro = next(m for m in range(min(batch_size, per_process), 0, -1) if per_process % m == 0)
+    return micro, per_process // micro
+
+
+def process_counts_for(effective_batch: int, limit: int = 1024) -> list[int]:
+    return [count for count in range(1, min(effective_batch, limit) + 1) if effective_batch % count == 0]
+
+
+def make_plan(
+    optim: OptimConfig, schedule: ScheduleConfig, batch_size: int, world_size: int, samples_per_epoch: int
+) -> Plan:
+    effective_batch = batch_size * optim.accum_steps * world_size
+    steps_per_epoch = max(1, samples_per_epoch // effective_batch)
+    return Plan(
+        effective_batch=effective_batch,
+        lr=optim.lr if optim.lr is not None else optim.blr * effective_batch / 256,
+        samples_per_epoch=samples_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=max(1, math.ceil(schedule.epochs * steps_per_epoch)),
+        warmup_steps=math.ceil(schedule.warmup_epochs * steps_per_epoch),
+    )
+
+
+def check_model(model_config: Any) -> dict[str, Any]:
+    """The resolved architecture; a clear error for impossible geometry."""
+    overrides = {
+        k: getattr(model_config, k)
+        for k in (
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "decoder_embed_dim",
+            "decoder_depth",
+            "decoder_num_heads",
+            "mlp_ratio",
+            "norm_pix_loss",
+        )
+        if hasattr(model_config, k)
+    }
+    try:
+        arch = model_args(model_config.name, **overrides)
+    except ValueError as error:
+        raise ConfigError(f"model.name: {error}") from None
+    require(
+        arch["img_size"] % arch["patch_size"] == 0,
+        f"model.img_size {arch['img_size']} is not a multiple of model.patch_size {arch['patch_size']}",
+    )
+    require(arch["in_chans"] in (1, 3), f"model.in_chans must be 1 or 3, got {arch['in_chans']}")
+    for prefix in ("", "decoder_"):
+        width, heads = arch[f"{prefix}embed_dim"], arch[f"{prefix}num_heads"]
+        require(
+            width % heads == 0,
+            f"model.{prefix}embed_dim {width} is not divisible by model.{prefix}num_heads {heads}",
+        )
+        require(
+            width % 4 == 0, f"model.{prefix}embed_dim {width} must be divisible by 4 (2-D sin-cos positions)"
+        )
+    return arch
+
+
+def check_data(data: DataConfig, in_chans: int) -> None:
+    require(data.batch_size >= 1, f"data.batch_size must be at least 1, got {data.batch_size}")
+    check_keys(data.image_key, data.label_key)
+    require(data.num_workers >= 0, f"data.num_workers must be 0 or more, got {data.num_workers}")
+    require(
+        len(data.crop_scale) == 2 and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1,
+        f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {data.crop_scale}",
+    )
+    for key in ("mean", "std"):
+        values = getattr(data, key)
+        require(len(values) in (1, 3) and len(values) >= 1, f"data.{key} needs 1 or 3 values, got {values}")
+    require(all(s > 0 for s in data.std), f"data.std must be positive, got {data.std}")
+    require(
+        0 <= data.max_bad_fraction < 1,
+        f"data.max_bad_fraction must be in [0, 1), got {data.max_bad_fraction}",
+    )
+    require(
+        data.shards_per_chunk >= 1, f"data.shards_per_chunk must be at least 1, got {data.shards_per_chunk}"
+    )
+    require(data.shuffle_buffer >= 1, f"data.shuffle_buffer must be at least 1, got {data.shuffle_buffer}")
+    require(data.read_retries >= 0, f"data.read_retries must be 0 or more, got {data.read_retries}")
+    require(data.retry_wait >= 0, f"data.retry_wait must be 0 or more, got {data.retry_wait}")
+
+
+def read_policy(data: DataConfig) -> ReadPolicy:
+    return ReadPolicy(attempts=data.read_retries + 1, wait=data.retry_wait)
+
+
+def check_optim(optim: OptimConfig, schedule: ScheduleConfig) -> None:
+    require(optim.blr > 0 or (optim.lr or 0) > 0, "optim.blr (or optim.lr) must be positive")
+    require(optim.accum_steps >= 1, f"optim.accum_steps must be at least 1, got {optim.accum_steps}")
+    require(
+        len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+        f"optim.betas must be two values in [0, 1), got {optim.betas}",
+    )
+    require(
+        optim.grad_clip is None or optim.grad_clip > 0,
+        f"optim.grad_clip must be positive, got {optim.grad_clip}",
+    )
+    require(schedule.epochs > 0, f"schedule.epochs must be positive, got {schedule.epochs}")
+    require(
+        0 <= schedule.warmup_epochs <= schedule.epochs,
+        f"schedule.warmup_epochs must be in [0, schedule.epochs], got {schedule.warmup_epochs}",
+    )
+
+
+def check_deepspeed(deepspeed: DeepSpeedConfig) -> None:
+    require(
+        deepspeed.zero_stage in (0, 1, 2, "auto"),
+        f"deepspeed.zero_stage must be 0, 1, 2 or auto, got {deepspeed.zero_stage!r}",
+    )
+    require(
+        deepspeed.precision in ("auto", "bf16", "fp16", "fp32"),
+        f"deepspeed.precision must be auto, bf16, fp16 or fp32, got {deepspeed.precision!r}",
+    )
+    require(
+        deepspeed.compile in (True, False, "auto"),
+        f"deepspeed.compile must be true, false or auto, got {deepspeed.compile!r}",
+    )
+
+
+def check_run_dir(run_dir: str) -> Path:
+    require(bool(run_dir), "run.dir is not set (where checkpoints and logs go): add run.dir=PATH")
+    path = Path(run_dir)
+    require(not path.exists() or path.is_dir(), f"run.dir {path} exists and is not a directory")
+    return path
+
+
+def check_init(init_from: str, arch: dict[str, Any]) -> Weights | None:
+    """Weights to start pretraining from (init.from); their encoder must have this run's shape."""
+    if not init_from:
+        return None
+    weights = load_weights(init_from)
+    compared = [k for k in ARCH_KEYS if k != "img_size" and k not in weights.guessed]
+    mismatched = {k: (weights.arch[k], arch[k]) for k in compared if weights.arch[k] != arch[k]}
+    require(
+        not mismatched,
+        f"init.from {init_from}: its encoder does not have this run's shape "
+        f"(key: (theirs, ours)) {mismatched}; set model.* to match it",
+    )
+    return weights
+
+
+def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
+    """Validates everything before any work; returns the architecture and the training shards."""
+    arch = check_model(config.model)
+    require(
+        0 < config.model.mask_ratio < 1, f"model.mask_ratio must be in (0, 1), got {config.model.mask_ratio}"
+    )
+    check_data(config.data, arch["in_chans"])
+    check_optim(config.optim, config.schedule)
+    check_deepspeed(config.deepspeed)
+    check_run_dir(config.run.dir)
+    require(
+        config.run.checkpoint_every >= 1,
+        f"run.checkpoint_every must be at least 1, got {config.run.checkpoint_every}",
+    )
+    require(config.run.keep_last >= 1, f"run.keep_last must be at least 1, got {config.run.keep_last}")
+    require(config.log.every >= 1, f"log.every must be at least 1, got {config.log.every}")
+    try:
+        shards = open_shards(config.data.train, read_policy(config.data))
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"data.train: {error}") from None
+    require(
+        shards.num_samples is not None or config.data.samples_per_epoch is not None,
+        f"data.train {config.data.train!r} has no sample counts (an _info.json, info.json, sizes.json or "
+        "img2dataset's *_stats.json): set data.samples_per_epoch",
+    )
+    return arch, shards
+
+
+def check_monitor(monitor: MonitorConfig, data: DataConfig) -> KnnSplits | None:
+    """The kNN monitor's splits (None: the monitor is off), opened and counted before any work."""
+    if not monitor.bank and not monitor.val:
+        return None
+    require(
+        bool(monitor.bank) and bool(monitor.val),
+        f"the kNN monitor needs both monitor.bank and monitor.val (labelled shards), got "
+        f"bank={monitor.bank!r} val={monitor.val!r}; leave both empty to turn it off",
+    )
+    require(monitor.every >= 1, f"monitor.every must be at least 1, got {monitor.every}")
+    require(monitor.k >= 1, f"monitor.k must be at least 1, got {monitor.k}")
+    require(monitor.temperature > 0, f"monitor.temperature must be positive, got {monitor.temperature}")
+    require(
+        monitor.global_pool in ("token", "avg"),
+        f"monitor.global_pool must be token or avg, got {monitor.global_pool!r}",
+    )
+    require(monitor.batch_size >= 1, f"monitor.batch_size must be at least 1, got {monitor.batch_size}")
+    require(monitor.num_workers >= 0, f"monitor.num_workers must be 0 or more, got {monitor.num_workers}")
+    require(
+        0 < monitor.crop_fraction <= 1,
+        f"monitor.crop_fraction must be in (0, 1], got {monitor.crop_fraction}",
+    )
+    for key in ("bank_samples", "val_samples"):
+        count = getattr(monitor, key)
+        require(count is None or count >= 1, f"monitor.{key} must be at least 1, got {count}")
+    bank = _open_split("monitor.bank", monitor.bank, read_policy(data))
+    val = _open_split("monitor.val", monitor.val, read_policy(data))
+    for key, split in (("bank", bank), ("val", val)):
+        require(
+            bool(split.classes),
+            f"monitor.{key} {getattr(monitor, key)}: its _info.json names no classes; "
+            "the kNN monitor needs labelled shards",
+        )
+    return KnnSplits(
+        bank,
+        val,
+        len(bank.classes),
+        spread_subset(bank.lengths, monitor.bank_samples),
+        spread_subset(val.lengths, monitor.val_samples),
+    )
+
+
+@dataclass
+class ClassifyInputs:
+    weights: Weights | None  # None: a randomly initialised encoder
+    arch: dict[str, Any]
+    shards: ShardSet
+    val_shards: ShardSet
+    num_classes: int
+
+
+def _classifier_arch(config: ClassifyConfig, weights: Weights | None) -> dict[str, Any]:
+    if weights is not None:
+        arch = dict(weights.arch)
+    else:
+        require(
+            bool(config.model.name),
+            "init.from=none trains from scratch: set model.name to a registered "
+            "variant (e.g. mae_vit_base_patch16) for the encoder's shape",
+        )
+        try:
+            arch = {k: v for k, v in model_args(config.model.name).items() if k in ARCH_KEYS}
+        except ValueError as error:
+            raise ConfigError(f"model.name: {error}") from None
+    arch.update({k: getattr(config.model, k) for k in ARCH_KEYS if getattr(config.model, k) is not None})
+    require(
+        arch["img_size"] % arch["patch_size"] == 0,
+        f"model.img_size {arch['img_size']} is not a multiple of the patch size {arch['patch_size']}",
+    )
+    require(
+        arch["embed_dim"] % arch["num_heads"] == 0,
+        f"embed_dim {arch['embed_dim']} is not divisible by num_heads {arch['num_heads']}",
+    )
+    return arch
+
+
+def _open_split(key: str, spec: str, read: ReadPolicy) -> ShardSet:
+    try:
+        return with_lengths(open_shards(spec, read))
+    except (FileNotFoundError, ValueError, ShardUnreadable) as error:
+        raise ConfigError(f"{key}: {error}") from None
+
+
+def check_classify(config: ClassifyConfig, stage: str) -> ClassifyInputs:
+    """Validates a linprobe/finetune config before any work; loads the backbone's weights."""
+    require(
+        bool(config.init.from_),
+        "init.from is not set: a mim run dir or checkpoint, an official MAE .pth, "
+        "a timm weights file, a mim export, or none (train from scratch)",
+    )
+    weights = None if config.init.from_ == "none" else load_weights(config.init.from_)
+    arch = _classifier_arch(config, weights)
+    require(
+        config.model.global_pool in ("token", "avg"),
+        f"model.global_pool must be token or avg, got {config.model.global_pool!r}",
+    )
+    require(
+        0 <= config.model.drop_path < 1, f"model.drop_path must be in [0, 1), got {config.model.drop_path}"
+    )
+    check_data(config.data, arch["in_chans"])
+    check_optim(config.optim, config.schedule)
+    check_deepspeed(config.deepspeed)
+    require(
+        config.optim.optimizer in ("adamw", "lars"),
+        f"optim.optimizer must be adamw or lars, got {config.optim.optimizer!r}",
+    )
+    require(
+        config.optim.optimizer != "lars" or config.deepspeed.zero_stage == 0,
+        "optim.optimizer=lars needs deepspeed.zero_stage=0 (LARS's per-layer trust ratio needs whole tensors)",
+    )
+    require(
+        config.optim.layer_decay is None or 0 < config.optim.layer_decay <= 1,
+        f"optim.layer_decay must be in (0, 1], got {config.optim.layer_decay}",
+    )
+    require(
+        stage != "linprobe" or (config.probe.blrs and all(b > 0 for b in config.probe.blrs)),
+        f"probe.blrs must be a non-empty list of positive base lrs, got {config.probe.blrs}",
+    )
+    require(
+        stage != "linprobe" or 1 <= config.probe.blocks <= arch["depth"],
+        f"probe.blocks must be between 1 and the encoder's depth {arch['depth']}, got {config.probe.blocks}",
+    )
+    require(
+        0 < config.eval.crop_fraction <= 1,
+        f"eval.crop_fraction must be in (0, 1], got {config.eval.crop_fraction}",
+    )
+    require(
+        config.eval.every_epochs > 0, f"eval.every_epochs must be positive, got {config.eval.every_epochs}"
+    )
+    require(
+        0 <= config.augment.reprob <= 1 and 0 <= config.augment.label_smoothing < 1,
+        "augment.reprob must be in [0, 1] and augment.label_smoothing in [0, 1)",
+    )
+    check_run_dir(config.run.dir)
+    shards = _open_split("data.train", config.data.train, read_policy(config.data))
+    val_shards = _open_split("data.val", config.data.val, read_policy(config.data))
+    num_classes = config.model.num_classes or len(shards.classes)
+    require(
+        num_classes > 0,
+        f"data.train {config.data.train} names no classes in _info.json: set model.num_classes",
+    )
+    return ClassifyInputs(weights, arch, shards, val_shards, num_classes)

@@ -1,0 +1,87 @@
+"""What every stage's entry point does the same way: parse `--config F key=value ...`, turn a
+user's mistake into one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mim.config import write_config
+from mim.distributed import DistEnv, any_rank, init_distributed, read_dist_env, shutdown
+from mim.errors import TrainingStopped, UserInputError
+from mim.runtime import RunDirBusy, RunLock, StopSignal, StopWhileWaiting, setup_logging
+from pipelines.requeue import requeue_if_stopped
+
+USER_ERRORS = (UserInputError, FileNotFoundError, NotADirectoryError, PermissionError, RunDirBusy)
+EXIT_USER_ERROR = 2
+EXIT_TRAINING_STOPPED = 3
+
+
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="a YAML file, or a recipe name such as pretrain/mae_vit_base_p16 (mim configs)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.batch_size=32"
+    )
+    return parser
+
+
+def reports_user_errors(prog: str) -> Callable:
+    """Wraps a stage's main: a user's mistake prints `prog: error: ...` and exits 2; training that
+    cannot go on prints `prog: stopped: ...` and exits 3; a stop signal that cut start-up short
+    exits as a stop does (0, requeued under Slurm); anything else keeps its traceback."""
+
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def wrapped(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except USER_ERRORS as error:
+                logging.getLogger(prog).debug("user error", exc_info=True)
+                print(f"{prog}: error: {error}", file=sys.stderr)
+                return EXIT_USER_ERROR
+            except TrainingStopped as error:
+                print(f"{prog}: stopped: {error}", file=sys.stderr)
+                return EXIT_TRAINING_STOPPED
+            except StopWhileWaiting as stopped:  # before the training loop: nothing was written
+                logging.getLogger(prog).warning("%s; nothing written", stopped)
+                return requeue_if_stopped("signal", read_dist_env())
+
+        return wrapped
+
+    return wrap
+
+
+@contextlib.contextmanager
+def started_run(run_dir: Path, config: Any) -> Iterator[tuple[DistEnv, torch.device, StopSignal]]:
+    """Logging, stop signals, the process group, and the run-dir lock (held by rank 0; every rank
+    fails fast when another job holds it); writes the resolved config."""
+    env = read_dist_env()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(env.rank, run_dir / "log.txt")
+    stop = StopSignal()
+    device = init_distributed(env)
+    lock, busy = RunLock(run_dir), None
+    if env.is_main:
+        try:
+            lock.acquire()
+        except RunDirBusy as error:
+            busy = error
+    if any_rank(busy is not None, device):
+        shutdown()
+        raise busy or RunDirBusy(f"run dir {run_dir} is in use by another job")
+    try:
+        if env.is_main:
+            write_config(config, run_dir / "config.yaml")
+        yield env, device, stop
+    finally:
+        lock.release()
+        shutdown()

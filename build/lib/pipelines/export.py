@@ -1,0 +1,35 @@
+"""`mim export RUN_DIR_OR_CHECKPOINT --out DIR`: a backbone downstream teams load with timm alone:
+model.safetensors (timm names, encoder only), config.json, README.md (model card)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mim.export import export
+from pipelines.common import reports_user_errors
+
+
+@reports_user_errors("mim export")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mim export", description=__doc__)
+    parser.add_argument("source", help="a mim run dir (its newest complete checkpoint) or a checkpoint dir")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16"], help="weights dtype (default fp32)"
+    )
+    parser.add_argument(
+        "--with-decoder", action="store_true", help="also write decoder.safetensors (pretraining)"
+    )
+    args = parser.parse_args(argv)
+    out = export(args.source, args.out, args.dtype, args.with_decoder)
+    print(
+        f"exported to {out}: model.safetensors, config.json, README.md"
+        + (", decoder.safetensors" if args.with_decoder else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""`mim shards`: an image corpus -> WebDataset tar shards + _info.json."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mim.data.foreign import webdataset_source
+from mim.data.members import DEFAULT_IMAGE_KEY, DEFAULT_LABEL_KEY
+from mim.data.shards import write_shards
+from mim.data.sources import open_source
+from pipelines.common import reports_user_errors
+
+WDS_PREFIX = "wds:"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mim shards", description=__doc__)
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="imagefolder:DIR | csv:FILE | tsv:FILE | fashion-mnist:DIR[:train|test] | wds:SHARDS "
+        "(existing local WebDataset shards: a directory, an index or a brace pattern, SHARDS::SPLIT)",
+    )
+    parser.add_argument(
+        "--image-key",
+        default=DEFAULT_IMAGE_KEY,
+        help=f"wds: the image member, the first present of ;-separated extensions (default {DEFAULT_IMAGE_KEY})",
+    )
+    parser.add_argument(
+        "--label-key",
+        default=DEFAULT_LABEL_KEY,
+        help="wds: the label, a member or json:FIELD of the sample's .json (default cls)",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="split name, the shards' prefix (default: train, or the Fashion-MNIST split)",
+    )
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the file-to-shard assignment")
+    parser.add_argument("--no-shuffle", action="store_true", help="keep the source order in the shards")
+    parser.add_argument("--writers", type=int, default=4, help="shards written in parallel")
+    parser.add_argument(
+        "--max-size",
+        type=int,
+        default=None,
+        help="downscale images whose shorter side is larger to this many pixels (JPEG q90); "
+        "smaller shards that decode faster, e.g. 256 or 320 for 224 training",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="write only this many samples: a seeded random subset (the first ones with --no-shuffle)",
+    )
+    return parser.parse_args(argv)
+
+
+@reports_user_errors("mim shards")
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.source.startswith(WDS_PREFIX):
+        with tqdm(unit="shard", desc="indexing", file=sys.stderr) as bar:
+            source = webdataset_source(args.source[len(WDS_PREFIX) :], args.image_key, args.label_key, bar.update)
+    else:
+        source = open_source(args.source)
+    name = args.name or (
+        args.source.rsplit(":", 1)[-1]
+        if args.source.startswith("fashion-mnist:") and args.source.count(":") == 2
+        else "train"
+    )
+    total = min(len(source.records), args.limit or len(source.records))
+    with tqdm(total=total, unit="img", desc=f"shards {name}", file=sys.stderr) as bar:
+        info = write_shards(
+            source,
+            args.out,
+            name=name,
+            shard_size=args.shard_size,
+            shuffle_seed=None if args.no_shuffle else args.seed,
+            num_writers=args.writers,
+            on_shard_done=bar.update,
+            max_size=args.max_size,
+            limit=args.limit,
+        )
+    print(f"wrote {total} samples in {-(-total // args.shard_size)} shards: {info}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
