@@ -223,6 +223,7 @@ def test_resuming_with_another_architecture_is_refused(tmp_path, fmnist_shards):
         (("init.from=/etc/hostname",), "not a weights file that loads safely"),
         (("data.shuffle_buffer=0",), "data.shuffle_buffer must be at least 1"),
         (("data.read_retries=-1",), "data.read_retries must be 0 or more"),
+        (("run.stop_check_every=0",), "run.stop_check_every must be at least 1"),  # was a ZeroDivisionError
         (
             ("data.train=http://127.0.0.1:9/shards/_info.json", "data.read_retries=0"),
             "cannot read the shard index",
@@ -246,4 +247,23 @@ def test_bad_paths(tmp_path, fmnist_shards):
     os.mkfifo(fifo)
     result = run_cli(*args(tmp_path / "run", fifo))
     assert result.returncode == 2 and "not-readable" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override", ["run.checkpoint_every=0", "log.every=0"])
+def test_a_probe_checks_the_loops_cadences_before_any_work(tmp_path, fmnist_shards, override):
+    result = run_cli(
+        "linprobe",
+        "--config",
+        "linprobe/debug",
+        f"data.train={fmnist_shards['train']}",
+        f"data.val={fmnist_shards['val']}",
+        f"run.dir={tmp_path / 'run'}",
+        "init.from=none",
+        "model.name=mae_vit_debug",
+        *GREY,
+        override,
+    )
+    name = override.split("=")[0]
+    assert result.returncode == 2 and f"{name} must be at least 1, got 0" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run").exists()
