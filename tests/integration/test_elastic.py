@@ -43,7 +43,7 @@ def two_rank_runs(tmp_path_factory, fmnist_shards):
     """stage -> a run written by 2 ranks at that ZeRO stage, stopped at step 8 of 16 (effective
     batch 16: 4 steps per epoch)."""
     root, runs = tmp_path_factory.mktemp("elastic"), {}
-    for stage in (0, 1):
+    for stage in (0, 1, 2):
         result = pretrain(
             2,
             root / f"zero{stage}",
@@ -61,7 +61,7 @@ def process_group():
     return init_distributed(read_dist_env({}))
 
 
-@pytest.mark.parametrize("written", [0, 1], ids=["from-zero0", "from-zero1"])
+@pytest.mark.parametrize("written", [0, 1, 2], ids=["from-zero0", "from-zero1", "from-zero2"])
 @pytest.mark.parametrize("stage", [0, 1, 2], ids=["to-zero0", "to-zero1", "to-zero2"])
 def test_the_adamw_moments_land_exactly_on_one_process_at_any_stage(
     two_rank_runs, process_group, written, stage
@@ -106,7 +106,7 @@ def test_a_zero_stage_change_on_the_same_processes_ends_bit_identical(tmp_path, 
     assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
-@pytest.mark.parametrize("written", [0, 1], ids=["zero0", "zero1"])
+@pytest.mark.parametrize("written", [0, 1, 2], ids=["zero0", "zero1", "zero2"])
 def test_two_processes_to_one_keeps_the_effective_batch_and_finishes_the_plan(
     tmp_path, two_rank_runs, fmnist_shards, written
 ):
@@ -120,14 +120,20 @@ def test_two_processes_to_one_keeps_the_effective_batch_and_finishes_the_plan(
     )
     assert "pretrain: 16 steps (4 per epoch of 64 samples), effective batch 16" in result.stderr
     assert meta["effective_batch"] == 16 and meta["world_size"] == 1
-    assert ("from ZeRO stage 1 on 2 process(es) to stage 1 on 1" in result.stderr) == (written == 1)
+    moved = f"from ZeRO stage {written} on 2 process(es) to stage {written} on 1"
+    assert (moved in result.stderr) == (written != 0)  # stage 0's files load as they are
 
 
-def test_one_process_to_two_and_a_count_that_does_not_divide(tmp_path, fmnist_shards):
-    run_dir = tmp_path / "run"
-    finished(
-        pretrain(1, run_dir, fmnist_shards["train"], "run.stop_after=8"), run_dir, 8
-    )  # effective batch 8
+@pytest.mark.parametrize("stage", [0, 1, 2], ids=["zero0", "zero1", "zero2"])
+def test_one_process_to_two_and_a_count_that_does_not_divide(tmp_path, fmnist_shards, stage):
+    run_dir, zero = tmp_path / "run", f"deepspeed.zero_stage={stage}"
+    written = pretrain(1, run_dir, fmnist_shards["train"], zero, "run.stop_after=8")
+    finished(written, run_dir, 8)  # effective batch 8
+    if stage != 0:  # the refusal below is the same at every stage
+        grown = pretrain(2, run_dir, fmnist_shards["train"], zero)
+        assert f"from ZeRO stage {stage} on 1 process(es) to stage {stage} on 2" in grown.stderr
+        assert finished(grown, run_dir, 32)["world_size"] == 2
+        return
     refused = pretrain(3, run_dir, fmnist_shards["train"])
     assert refused.returncode != 0
     assert (
