@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path(os.environ.get("MIM_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed compiles its CPU ops into torch's extension cache; one per checkout, so two checkouts
+# (two venvs) on one machine never rebuild each other's under a running test.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
 
 
 def free_port() -> int:

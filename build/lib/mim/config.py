@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from mim.errors import UserInputError
-from mim.resources import config_path
+from mim.resources import recipes, shipped
 
 DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp;bmp;gif;tif;tiff;ppm"  # data.image_key (mim.data.members)
 DEFAULT_LABEL_KEY = "cls"  # data.label_key: what `mim shards` writes
@@ -330,8 +330,23 @@ def to_tree(config: Any) -> dict[str, Any]:
     return tree
 
 
+def config_path(spec: str | Path) -> Path:
+    """`--config`: a YAML file, else a recipe name (`pretrain/mae_vit_base_p16`, with or without
+    `.yaml`, with or without a leading `configs/`, so the README's commands work from anywhere)."""
+    path = Path(spec)
+    if path.is_file() or path.is_dir():
+        return path  # a directory: load_yaml_chain says what is wrong with it
+    name = str(spec).removeprefix("configs/").removesuffix(".yaml")
+    recipe = shipped("configs") / f"{name}.yaml"
+    if recipe.is_file():
+        return recipe
+    close = difflib.get_close_matches(name, recipes(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `mim configs` lists the recipes"
+    raise ConfigError(f"config file {spec} does not exist or is not a file, nor a recipe name{hint}")
+
+
 def load_config(schema: type, path: str | Path | None, overrides: list[str]) -> Any:
-    """`path`: a YAML file or a recipe name (mim.resources.config_path)."""
+    """`path`: a YAML file or a recipe name (`config_path`)."""
     tree = load_yaml_chain(config_path(path)) if path else {}
     return build(schema, apply_overrides(tree, overrides))
 

@@ -176,6 +176,22 @@ def check_run_dir(run_dir: str) -> Path:
     return path
 
 
+def check_run(run: Any, log_config: Any) -> None:
+    """The loop's cadences, for every training stage."""
+    check_run_dir(run.dir)
+    for name, value in (
+        ("run.checkpoint_every", run.checkpoint_every),
+        ("run.keep_last", run.keep_last),
+        ("run.stop_check_every", run.stop_check_every),
+        ("log.every", log_config.every),
+    ):
+        require(value >= 1, f"{name} must be at least 1, got {value}")
+    require(
+        run.stop_after is None or run.stop_after >= 1,
+        f"run.stop_after must be at least 1, got {run.stop_after}",
+    )
+
+
 def check_init(init_from: str, arch: dict[str, Any]) -> Weights | None:
     """Weights to start pretraining from (init.from); their encoder must have this run's shape."""
     if not init_from:
@@ -200,13 +216,7 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
     check_data(config.data, arch["in_chans"])
     check_optim(config.optim, config.schedule)
     check_deepspeed(config.deepspeed)
-    check_run_dir(config.run.dir)
-    require(
-        config.run.checkpoint_every >= 1,
-        f"run.checkpoint_every must be at least 1, got {config.run.checkpoint_every}",
-    )
-    require(config.run.keep_last >= 1, f"run.keep_last must be at least 1, got {config.run.keep_last}")
-    require(config.log.every >= 1, f"log.every must be at least 1, got {config.log.every}")
+    check_run(config.run, config.log)
     try:
         shards = open_shards(config.data.train, read_policy(config.data))
     except (FileNotFoundError, ValueError) as error:
@@ -352,7 +362,7 @@ def check_classify(config: ClassifyConfig, stage: str) -> ClassifyInputs:
         0 <= config.augment.reprob <= 1 and 0 <= config.augment.label_smoothing < 1,
         "augment.reprob must be in [0, 1] and augment.label_smoothing in [0, 1)",
     )
-    check_run_dir(config.run.dir)
+    check_run(config.run, config.log)
     shards = _open_split("data.train", config.data.train, read_policy(config.data))
     val_shards = _open_split("data.val", config.data.val, read_policy(config.data))
     num_classes = config.model.num_classes or len(shards.classes)
