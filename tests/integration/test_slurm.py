@@ -123,20 +123,20 @@ def test_a_requeued_job_whose_newest_checkpoint_is_damaged_resumes_from_the_one_
     resumes from the previous one, instead of crash-looping or training on garbage."""
     run = tmp_path / "run"
     long_run = (
-        "schedule.epochs=25",
+        "schedule.epochs=250",
         "log.every=5",
         "run.checkpoint_every=40",
         "run.stop_check_every=1",
         "log.recon_every=0",
     )
     job = pretrain_job(slurm, run, fmnist_shards["train"], *long_run)
-    wait_for_step(run, job, 90)
+    wait_for_step(run, job, 45)  # checkpoint 40 written; 2000 steps: far from the end
     slurm.run("scancel", "--signal=USR1", "--batch", job)
     deadline = time.monotonic() + 120
-    while not re.search(r"stopped at step \d+ of 200 \(signal\)", job_log(run, job)):
+    while not re.search(r"stopped at step \d+ of 2000 \(signal\)", job_log(run, job)):
         assert time.monotonic() < deadline, job_log(run, job)[-3000:]
         time.sleep(0.2)
-    stopped = int(re.search(r"stopped at step (\d+) of 200 \(signal\)", job_log(run, job)).group(1))
+    stopped = int(re.search(r"stopped at step (\d+) of 2000 \(signal\)", job_log(run, job)).group(1))
     *_, previous, newest = checkpoint.complete_checkpoints(run)
     assert newest.name == checkpoint.step_name(stopped)
     target = newest / "mp_rank_00_model_states.pt"
@@ -147,4 +147,4 @@ def test_a_requeued_job_whose_newest_checkpoint_is_damaged_resumes_from_the_one_
     assert final == "COMPLETED", log[-3000:] + slurm.log_tail()
     assert f"checkpoint {newest} is damaged: {target} is " in log and "set aside as damaged-" in log
     assert f"resumed from {previous} at step {int(previous.name[5:])}" in log, log[-3000:]
-    assert checkpoint.read_meta(checkpoint.latest_checkpoint(run))["step"] == 200
+    assert checkpoint.read_meta(checkpoint.latest_checkpoint(run))["step"] == 2000
