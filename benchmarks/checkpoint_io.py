@@ -137,6 +137,21 @@ def measure(name: str, rounds: int, root: Path, device: torch.device) -> dict:
     return {"model": name, "bytes": size, **medians}
 
 
+def checksum_rates(megabytes: int = 256) -> dict[str, float]:
+    """GB/s of the candidate checksums on random bytes, one core."""
+    import hashlib
+    import os
+    import zlib
+
+    data = os.urandom(megabytes << 20)
+    candidates = {
+        "sha256": lambda: hashlib.sha256(data).digest(),
+        "crc32": lambda: zlib.crc32(data),
+        "xxh3_128 (mim)": lambda: REAL_XXHASH.xxh3_128(data).digest(),
+    }
+    return {name: len(data) / timed(run)[0] / 1e9 for name, run in candidates.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=MODELS)
@@ -165,6 +180,9 @@ def main() -> None:
             f"{sums:.3f} | {sums / row['plain'] * 100:.1f} % | {row['mim'] / row['plain']:.2f}x | "
             f"{row['verify']:.3f} | {row['load']:.3f} | {row['move']:.3f} |"
         )
+    print("\n| checksum | GB/s, one core |\n|---|---|")
+    for name, rate in checksum_rates().items():
+        print(f"| {name} | {rate:.2f} |")
 
 
 if __name__ == "__main__":
