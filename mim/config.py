@@ -1,19 +1,26 @@
 """One typed config tree per stage: dataclass sections, YAML files with a `base:` chain,
 dotted `key=value` overrides, validation before any work, the resolved tree written to disk.
 
+Every key is declared once, below, with `key(...)`: type, default, a one-line description, the
+values it allows, the stages that read it. The checks of single values, `mim <stage>
+--help-config` and docs/config.md all come from those declarations; checks that relate several
+keys (or need the data) live in mim.recipe.
+
 A YAML file may name `base: other.yaml` (relative to itself); it is loaded first and the
 file's own keys are merged over it, so a recipe says only what differs.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -28,130 +35,312 @@ class ConfigError(UserInputError):
     """A user's config is wrong: the message names the key, the value and what was expected."""
 
 
+# ----------------------------------------------------------------------------- declaring keys
+
+PRETRAIN, LINPROBE, FINETUNE = "pretrain", "linprobe", "finetune"
+STAGES = (PRETRAIN, LINPROBE, FINETUNE)
+CLASSIFY = (LINPROBE, FINETUNE)
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What a key is, beside its type and default: one line for users, the values it allows,
+    the stages that read it and the defaults that differ by stage."""
+
+    doc: str
+    choices: tuple[Any, ...] | None = None
+    bounds: str | None = None  # ">= 1", "> 0", "[0, 1)", ...: each number of the value must lie there
+    stages: tuple[str, ...] | None = None  # None: every stage whose schema has the key
+    per_stage: dict[str, Any] | None = None
+
+    def stage_default(self, stage: str, default: Any) -> Any:
+        return (self.per_stage or {}).get(stage, default)
+
+
+def key(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple[Any, ...] | None = None,
+    bounds: str | None = None,
+    stages: tuple[str, ...] | None = None,
+    per_stage: dict[str, Any] | None = None,
+    yaml_name: str | None = None,
+) -> Any:
+    """A config key: its default, a one-line description and what it allows, in one place; the
+    checks in `build` and the pages of `--help-config` and docs/config.md come from here."""
+    if bounds is not None:
+        _bounds_test(bounds)  # a malformed declaration fails at import, not on a user's value
+    metadata: dict[str, Any] = {"declared": Declared(doc, choices, bounds, stages, per_stage)}
+    if yaml_name:
+        metadata["yaml"] = yaml_name
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def section(schema: type, doc: str, *, stages: tuple[str, ...] | None = None) -> Any:
+    return field(default_factory=schema, metadata={"declared": Declared(doc, stages=stages)})
+
+
+_INTERVAL = re.compile(r"^([\[(])\s*(\S+),\s*(\S+)\s*([\])])$")
+_HALF_LINE = re.compile(r"^(>=|>|<=|<)\s*(\S+)$")
+_COMPARE = {
+    ">=": lambda v, b: v >= b,
+    ">": lambda v, b: v > b,
+    "<=": lambda v, b: v <= b,
+    "<": lambda v, b: v < b,
+}
+
+
+def _bounds_test(bounds: str) -> typing.Callable[[float], bool]:
+    if match := _HALF_LINE.match(bounds):
+        op, limit = match.group(1), float(match.group(2))
+        return lambda value: _COMPARE[op](value, limit)
+    if match := _INTERVAL.match(bounds):
+        opening, low, high, closing = match.groups()
+        low_op, high_op = (">=" if opening == "[" else ">"), ("<=" if closing == "]" else "<")
+        low_value, high_value = float(low), float(high)
+        return lambda value: _COMPARE[low_op](value, low_value) and _COMPARE[high_op](value, high_value)
+    raise ValueError(f"bounds {bounds!r} is neither 'OP NUMBER' nor an interval like '[0, 1)'")
+
+
+def check_declared(value: Any, declared: Declared, where: str) -> None:
+    """The checks a key's declaration implies; None (where allowed) passes."""
+    if value is None:
+        return
+    if declared.choices is not None and value not in declared.choices:
+        allowed = ", ".join(shown(c) for c in declared.choices)
+        raise ConfigError(f"config key {where!r} must be one of {allowed}, got {shown(value)}")
+    if declared.bounds is not None:
+        inside = _bounds_test(declared.bounds)
+        numbers = value if isinstance(value, list) else [value]
+        for number in numbers:
+            if isinstance(number, (int, float)) and not isinstance(number, bool) and not inside(number):
+                raise ConfigError(f"config key {where!r} must be {declared.bounds}, got {shown(value)}")
+
+
+def shown(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 # ----------------------------------------------------------------------------- sections
 
 
 @dataclass
 class EncoderGeometry:
-    # None keeps the value of the registered variant (pretraining) or of the backbone (evaluation).
-    img_size: int | None = None
-    patch_size: int | None = None
-    in_chans: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float | None = None
+    img_size: int | None = key(
+        None, "input size in pixels; null: the variant's (or the backbone's)", bounds=">= 1"
+    )
+    patch_size: int | None = key(
+        None, "patch side in pixels; null: the variant's (or the backbone's)", bounds=">= 1"
+    )
+    in_chans: int | None = key(
+        None, "image channels, 1 (grey) or 3 (RGB); null: the variant's", choices=(1, 3)
+    )
+    embed_dim: int | None = key(None, "encoder width; null: the variant's (or the backbone's)", bounds=">= 4")
+    depth: int | None = key(None, "encoder blocks; null: the variant's (or the backbone's)", bounds=">= 1")
+    num_heads: int | None = key(None, "encoder attention heads; null: the variant's", bounds=">= 1")
+    mlp_ratio: float | None = key(None, "MLP hidden width / embed_dim; null: the variant's", bounds="> 0")
 
 
 @dataclass
 class ModelConfig(EncoderGeometry):
-    name: str = "mae_vit_base_patch16"
-    decoder_embed_dim: int | None = None
-    decoder_depth: int | None = None
-    decoder_num_heads: int | None = None
-    norm_pix_loss: bool | None = None
-    mask_ratio: float = 0.75
+    name: str = key("mae_vit_base_patch16", "a registered MAE variant (mim.models.registry)")
+    decoder_embed_dim: int | None = key(None, "decoder width; null: the variant's (512)", bounds=">= 4")
+    decoder_depth: int | None = key(None, "decoder blocks; null: the variant's (8)", bounds=">= 1")
+    decoder_num_heads: int | None = key(None, "decoder attention heads; null: the variant's", bounds=">= 1")
+    norm_pix_loss: bool = key(True, "predict each patch's pixels normalised by its own mean and std")
+    mask_ratio: float = key(0.75, "fraction of patches hidden from the encoder", bounds="(0, 1)")
 
 
 @dataclass
 class DataConfig:
-    train: str = ""  # a shard directory, an _info.json, a brace pattern; or http(s)/pipe: (see README)
-    val: str = ""
-    batch_size: int = 64  # per process (per GPU), per micro-step
-    num_workers: int = 4
-    samples_per_epoch: int | None = None  # None: the training split's sample count
-    shards_per_chunk: int = 2  # shards read and shuffled together by one worker
-    shuffle_buffer: int = 1000  # samples a worker holds to shuffle them (its memory, whatever the shard size)
-    read_retries: int = 4  # further tries of a remote shard after a transient failure
-    retry_wait: float = 1.0  # seconds before the first retry; doubled for each further one
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    hflip: bool = True
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    max_bad_fraction: float = 0.01  # stop when more than this fraction of samples is unreadable
-    reduced_decode: bool = True  # JPEGs decode at 1/2, 1/4, 1/8 scale where the crop stays >= img_size
-    image_key: str = DEFAULT_IMAGE_KEY  # the sample's image: the first member present of these (;-separated)
-    label_key: str = DEFAULT_LABEL_KEY  # the label: a member (cls) or json:FIELD of the sample's .json
+    train: str = key("", "training shards: a directory, an _info.json, a brace pattern, http(s):// or pipe:")
+    val: str = key("", "validation shards (labelled), given as data.train is", stages=CLASSIFY)
+    batch_size: int = key(
+        64,
+        "samples per process (per GPU) per micro-step",
+        bounds=">= 1",
+        per_stage={LINPROBE: 512, FINETUNE: 128},
+    )
+    num_workers: int = key(10, "loader worker processes per training process", bounds=">= 0")
+    samples_per_epoch: int | None = key(
+        None, "samples an epoch counts for the schedule; null: the training split's count", bounds=">= 1"
+    )
+    shards_per_chunk: int = key(2, "shards one worker reads and shuffles together", bounds=">= 1")
+    shuffle_buffer: int = key(1000, "samples a worker holds to shuffle them (its memory)", bounds=">= 1")
+    read_retries: int = key(4, "further tries of a remote shard after a transient failure", bounds=">= 0")
+    retry_wait: float = key(1.0, "seconds before the first retry, doubled for each next", bounds=">= 0")
+    crop_scale: list[float] = key(
+        [0.2, 1.0],
+        "RandomResizedCrop area range [low, high] of the training view",
+        bounds="(0, 1]",
+        per_stage={LINPROBE: [0.08, 1.0], FINETUNE: [0.08, 1.0]},
+    )
+    hflip: bool = key(True, "random horizontal flips of the training view")
+    mean: list[float] = key([0.485, 0.456, 0.406], "per-channel mean for normalisation (1 or 3 values)")
+    std: list[float] = key(
+        [0.229, 0.224, 0.225], "per-channel std for normalisation (1 or 3 values)", bounds="> 0"
+    )
+    max_bad_fraction: float = key(
+        0.01, "stop when more than this fraction of the samples read is unreadable", bounds="[0, 1)"
+    )
+    reduced_decode: bool = key(True, "decode JPEGs at 1/2, 1/4 or 1/8 scale where the crop stays sharp")
+    image_key: str = key(
+        DEFAULT_IMAGE_KEY, "the sample's image: the first of these members present (;-separated)"
+    )
+    label_key: str = key(
+        DEFAULT_LABEL_KEY,
+        "the label (classification, kNN monitor): a member (cls) or json:FIELD of the .json",
+    )
 
 
 @dataclass
 class OptimConfig:
-    blr: float = 1.5e-4  # lr = blr * effective batch / 256
-    lr: float | None = None  # absolute lr; overrides blr when set
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float | None = None
-    accum_steps: int = 1
+    blr: float = key(
+        1.5e-4,
+        "base lr: lr = blr x effective batch / 256 (linprobe: probe.blrs)",
+        bounds="> 0",
+        stages=(PRETRAIN, FINETUNE),
+        per_stage={FINETUNE: 5e-4},
+    )
+    lr: float | None = key(
+        None, "absolute lr; overrides blr when set", bounds="> 0", stages=(PRETRAIN, FINETUNE)
+    )
+    min_lr: float = key(
+        0.0, "lr at the end of the cosine schedule", bounds=">= 0", per_stage={FINETUNE: 1e-6}
+    )
+    weight_decay: float = key(
+        0.05, "decoupled weight decay (not on biases and norms)", bounds=">= 0", per_stage={LINPROBE: 0.0}
+    )
+    betas: list[float] = key(
+        [0.9, 0.95], "Adam betas [beta1, beta2]", bounds="[0, 1)", per_stage={FINETUNE: [0.9, 0.999]}
+    )
+    grad_clip: float | None = key(
+        None, "clip the global gradient norm to this; null: no clipping", bounds="> 0"
+    )
+    accum_steps: int = key(1, "micro-steps per optimizer step (gradient accumulation)", bounds=">= 1")
+
+
+@dataclass
+class ClassifyOptimConfig(OptimConfig):
+    optimizer: str = key(
+        "adamw",
+        "adamw, or lars (MAE's linear probe)",
+        choices=("adamw", "lars"),
+        per_stage={LINPROBE: "lars"},
+    )
+    layer_decay: float | None = key(
+        0.65,
+        "lr x layer_decay ** (depth + 1 - layer); null: one lr for all layers",
+        bounds="(0, 1]",
+        stages=(FINETUNE,),
+    )
 
 
 @dataclass
 class ScheduleConfig:
-    epochs: float = 800
-    warmup_epochs: float = 40
+    epochs: float = key(
+        800,
+        "length of the run in epochs of data.samples_per_epoch",
+        bounds="> 0",
+        per_stage={LINPROBE: 90, FINETUNE: 100},
+    )
+    warmup_epochs: float = key(
+        40, "linear lr warm-up, then cosine decay", bounds=">= 0", per_stage={LINPROBE: 10, FINETUNE: 5}
+    )
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int | str = (
-        "auto"  # 0 | 1 | 2 | auto: the lowest whose model states fit half the device memory
+    zero_stage: int | str = key(
+        "auto",
+        "ZeRO stage; auto: the lowest whose model states fit half the device memory",
+        choices=(0, 1, 2, "auto"),
+        per_stage={LINPROBE: 0},
     )
-    precision: str = "auto"  # auto: bf16 (autocast, fp32 weights) on CUDA, fp32 elsewhere
-    compile: bool | str = "auto"  # torch.compile the model; auto: on CUDA (on the CPU it does not pay)
+    precision: str = key(
+        "auto",
+        "auto: bf16 (autocast, fp32 weights) on CUDA, fp32 elsewhere",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
+    compile: bool | str = key(
+        "auto", "torch.compile the model; auto: on CUDA only", choices=(True, False, "auto")
+    )
 
 
 @dataclass
 class RunConfig:
-    dir: str = ""
-    seed: int = 0
-    checkpoint_every: int = 1000  # steps
-    keep_last: int = 3
-    stop_after: int | None = None  # stop (with a checkpoint) after this step; schedule unchanged
-    stop_check_every: int = 10  # steps between the ranks' agreement on a stop signal
-    on_nonfinite: str = "stop"  # stop | skip
+    dir: str = key("", "the run directory: checkpoints, logs, TensorBoard events (required)")
+    seed: int = key(0, "seed of the model's init, the masks and the data order")
+    checkpoint_every: int = key(
+        1000, "steps between checkpoints (and at the end and on a stop)", bounds=">= 1"
+    )
+    keep_last: int = key(3, "checkpoints kept; older ones are deleted", bounds=">= 1")
+    stop_after: int | None = key(
+        None, "stop with a checkpoint after this step; the schedule is unchanged", bounds=">= 1"
+    )
+    stop_check_every: int = key(10, "steps between the ranks' agreement on a stop signal", bounds=">= 1")
 
 
 @dataclass
 class LogConfig:
-    every: int = 50  # steps between console/TensorBoard lines (host syncs happen only here)
-    tensorboard: bool = True
-    recon_every: int = 1000  # steps between reconstruction grids in TensorBoard; 0: never
+    every: int = key(50, "steps between console and TensorBoard lines (host syncs only there)", bounds=">= 1")
+    tensorboard: bool = key(True, "write TensorBoard event files under run.dir/tb")
+    recon_every: int = key(
+        5000, "steps between reconstruction grids in TensorBoard; 0: never", bounds=">= 0", stages=(PRETRAIN,)
+    )
 
 
 @dataclass
 class MonitorConfig:
-    # Online kNN accuracy of the encoder during pretraining; off while bank or val is empty.
-    bank: str = ""  # labelled shards whose features are the neighbours (like data.train)
-    val: str = ""  # labelled shards that are classified
-    # Subsets: the first samples of every shard, in proportion to its size; None: the whole split
-    bank_samples: int | None = None
-    val_samples: int | None = None
-    every: int = 1000  # steps between evaluations; also at step 0 and at the last step
-    k: int = 20
-    temperature: float = 0.07
-    global_pool: str = "avg"  # the feature: avg (patch tokens' mean) | token (cls token)
-    batch_size: int = 256
-    num_workers: int = 2
-    crop_fraction: float = 0.875  # resize to img_size / crop_fraction, then centre crop
+    bank: str = key("", "labelled shards whose features are the kNN neighbours; empty: monitor off")
+    val: str = key("", "labelled shards that the kNN monitor classifies; empty: monitor off")
+    bank_samples: int | None = key(None, "bank size, spread over its shards; null: all", bounds=">= 1")
+    val_samples: int | None = key(None, "val size, spread over its shards; null: all", bounds=">= 1")
+    every: int = key(1000, "steps between evaluations (also at step 0 and at the last step)", bounds=">= 1")
+    k: int = key(20, "neighbours that vote", bounds=">= 1")
+    temperature: float = key(0.07, "softmax temperature of the neighbours' cosine similarities", bounds="> 0")
+    global_pool: str = key(
+        "avg", "the feature: avg (patch tokens' mean) or token (cls token)", choices=("avg", "token")
+    )
+    batch_size: int = key(256, "images per feature-extraction batch", bounds=">= 1")
+    num_workers: int = key(2, "loader workers of the monitor", bounds=">= 0")
+    crop_fraction: float = key(0.875, "resize to img_size / crop_fraction, then centre crop", bounds="(0, 1]")
 
 
 @dataclass
 class InitConfig:
-    # Continue from an official MAE checkpoint, a timm ViT weights file, or a mim export.
-    from_: str = field(default="", metadata={"yaml": "from"})
+    from_: str = key(
+        "",
+        "weights to start from: a mim run or checkpoint, an official MAE .pth, timm weights, a mim export "
+        "(linprobe/finetune: required; none trains from scratch)",
+        yaml_name="from",
+    )
 
 
 @dataclass
-class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    init: InitConfig = field(default_factory=InitConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+class StageConfig:
+    """The sections every training stage has; a stage's schema narrows `model` and `optim`."""
+
+    STAGE: ClassVar[str] = ""
+    model: EncoderGeometry = section(EncoderGeometry, "the model's shape")
+    init: InitConfig = section(InitConfig, "weights to start from")
+    data: DataConfig = section(DataConfig, "shards, loader and training view")
+    optim: OptimConfig = section(OptimConfig, "optimizer and lr")
+    schedule: ScheduleConfig = section(ScheduleConfig, "warm-up and cosine lr schedule")
+    deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "ZeRO, precision, compilation")
+    run: RunConfig = section(RunConfig, "run directory, checkpoints, stopping")
+    log: LogConfig = section(LogConfig, "console and TensorBoard")
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    STAGE: ClassVar[str] = PRETRAIN
+    model: ModelConfig = section(ModelConfig, "the MAE: encoder and decoder shape, masking")
+    optim: OptimConfig = section(OptimConfig, "AdamW and its lr")
+    monitor: MonitorConfig = section(MonitorConfig, "online kNN accuracy of the encoder during pretraining")
 
 
 # ----------------------------------------------------------------------------- evaluation stages
@@ -159,59 +348,72 @@ class PretrainConfig:
 
 @dataclass
 class ClassifierModelConfig(EncoderGeometry):
-    # The encoder's geometry comes from the backbone (init.from); these override it. With
-    # init.from=none, `name` (a registered MAE variant) gives the encoder to train from scratch.
-    name: str = ""
-    global_pool: str = "token"  # token (cls token) | avg (average of patch tokens)
-    drop_path: float = 0.0
-    num_classes: int | None = None  # None: the number of classes in the training shards' _info.json
-
-
-@dataclass
-class ClassifyOptimConfig(OptimConfig):
-    optimizer: str = "adamw"  # adamw | lars
-    layer_decay: float | None = None  # fine-tuning: lr x layer_decay ** (depth + 1 - layer)
+    name: str = key("", "init.from=none: the registered MAE variant whose encoder is trained from scratch")
+    global_pool: str = key(
+        "avg",
+        "the feature: token (cls token) or avg (patch tokens' mean)",
+        choices=("token", "avg"),
+        per_stage={LINPROBE: "token"},
+    )
+    drop_path: float = key(0.1, "stochastic depth rate of the encoder", bounds="[0, 1)", stages=(FINETUNE,))
+    num_classes: int | None = key(
+        None, "classes of the head; null: those in the training shards' _info.json", bounds=">= 1"
+    )
 
 
 @dataclass
 class ProbeConfig:
-    blrs: list[float] = field(default_factory=lambda: [0.1])  # one head per base lr, trained together
-    # Run the frozen backbone once (centre crops) and train the heads on the cached features:
-    # many epochs for the price of one; gives up the protocol's RandomResizedCrop augmentation.
-    cache_features: bool = False
-    # The feature: the pooled output of the last block (MAE's protocol, 1), or of the last n blocks
-    # side by side (DINO's protocol for small ViTs, n = 4); the heads are n times as wide.
-    blocks: int = 1
+    blrs: list[float] = key([0.1], "one head per base lr, trained together; each reported", bounds="> 0")
+    cache_features: bool = key(
+        False, "run the frozen backbone once on centre crops and train the heads on cached features"
+    )
+    blocks: int = key(1, "the feature: the last n blocks' pooled outputs side by side", bounds=">= 1")
 
 
 @dataclass
 class AugmentConfig:
-    randaug: str = ""  # a timm RandAugment string, e.g. rand-m9-mstd0.5-inc1; "" = none
-    mixup: float = 0.0  # alpha; 0 = off
-    cutmix: float = 0.0
-    label_smoothing: float = 0.0
-    reprob: float = 0.0  # random erasing probability
+    randaug: str = key("rand-m9-mstd0.5-inc1", "a timm RandAugment string; empty: none", stages=(FINETUNE,))
+    mixup: float = key(0.8, "mixup alpha; 0: off", bounds=">= 0", stages=(FINETUNE,))
+    cutmix: float = key(1.0, "cutmix alpha; 0: off", bounds=">= 0", stages=(FINETUNE,))
+    label_smoothing: float = key(
+        0.0, "label smoothing of the cross-entropy", bounds="[0, 1)", per_stage={FINETUNE: 0.1}
+    )
+    reprob: float = key(0.25, "random erasing probability", bounds="[0, 1]", stages=(FINETUNE,))
 
 
 @dataclass
 class EvalConfig:
-    every_epochs: float = 1.0
-    crop_fraction: float = 0.875  # resize to img_size / crop_fraction, then centre crop
+    every_epochs: float = key(
+        1.0,
+        "epochs between evaluations on data.val (and at the end)",
+        bounds="> 0",
+        per_stage={LINPROBE: 5.0},
+    )
+    crop_fraction: float = key(0.875, "resize to img_size / crop_fraction, then centre crop", bounds="(0, 1]")
 
 
 @dataclass
-class ClassifyConfig:
-    model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
-    init: InitConfig = field(default_factory=InitConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: ClassifyOptimConfig = field(default_factory=ClassifyOptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+class ClassifyConfig(StageConfig):
+    """Linear probing and fine-tuning share one schema; the stage decides which keys it reads."""
+
+    model: ClassifierModelConfig = section(ClassifierModelConfig, "the backbone's shape and the head")
+    optim: ClassifyOptimConfig = section(ClassifyOptimConfig, "optimizer and lr")
+    probe: ProbeConfig = section(ProbeConfig, "the linear heads", stages=(LINPROBE,))
+    augment: AugmentConfig = section(AugmentConfig, "training augmentation")
+    eval: EvalConfig = section(EvalConfig, "evaluation on data.val")
+
+
+@dataclass
+class LinprobeConfig(ClassifyConfig):
+    STAGE: ClassVar[str] = LINPROBE
+
+
+@dataclass
+class FinetuneConfig(ClassifyConfig):
+    STAGE: ClassVar[str] = FINETUNE
+
+
+SCHEMAS: dict[str, type] = {PRETRAIN: PretrainConfig, LINPROBE: LinprobeConfig, FINETUNE: FinetuneConfig}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -263,8 +465,11 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def build(schema: type, tree: dict[str, Any], where: str = "") -> Any:
-    """Builds dataclass `schema` from a nested dict, checking every key and type."""
+def build(schema: type, tree: dict[str, Any], where: str = "", stage: str | None = None) -> Any:
+    """Builds dataclass `schema` from a nested dict, checking every key against its declaration:
+    known, read by this stage (the root schema's STAGE), of its type, within what it allows.
+    Keys not given take the stage's default."""
+    stage = getattr(schema, "STAGE", "") if stage is None else stage
     if not isinstance(tree, dict):
         raise ConfigError(f"{where or 'config'} must be a section (mapping), got {tree!r}")
     fields = {_yaml_name(f): f for f in dataclasses.fields(schema)}
@@ -273,16 +478,89 @@ def build(schema: type, tree: dict[str, Any], where: str = "") -> Any:
     for key, value in tree.items():
         dotted = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            known = [k for k, f in fields.items() if _read_by(f, stage)]
+            hint = difflib.get_close_matches(str(key), known, n=1)
             suggestion = f"; did you mean {(where + '.' if where else '') + hint[0]!r}?" if hint else ""
-            raise ConfigError(f"unknown config key {dotted!r}{suggestion} (known: {', '.join(fields)})")
+            raise ConfigError(f"unknown config key {dotted!r}{suggestion} (known: {', '.join(known)})")
         target = fields[key]
         annotation = hints[target.name]
+        if not _read_by(target, stage):
+            users = ", ".join(f"mim {s}" for s in _declared(target).stages)
+            what = "section" if dataclasses.is_dataclass(annotation) else "key"
+            raise ConfigError(
+                f"config {what} {dotted!r} is not read by mim {stage} (only by {users}): remove it"
+            )
         if dataclasses.is_dataclass(annotation):
-            kwargs[target.name] = build(annotation, value, dotted)
+            kwargs[target.name] = build(annotation, value, dotted, stage)
         else:
             kwargs[target.name] = _check_type(value, annotation, dotted)
+            check_declared(kwargs[target.name], _declared(target), dotted)
+    for target in dataclasses.fields(schema):
+        if target.name in kwargs:
+            continue
+        annotation = hints[target.name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[target.name] = build(annotation, {}, f"{where}.{_yaml_name(target)}".lstrip("."), stage)
+        elif stage in (_declared(target).per_stage or {}):
+            kwargs[target.name] = copy.deepcopy(_declared(target).per_stage[stage])
     return schema(**kwargs)
+
+
+def _declared(f: dataclasses.Field) -> Declared:
+    return f.metadata.get("declared") or Declared("")
+
+
+def _read_by(f: dataclasses.Field, stage: str) -> bool:
+    stages = _declared(f).stages
+    return stages is None or stage in stages
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    name: str  # dotted, as YAML and overrides spell it
+    type: str
+    default: Any
+    declared: Declared
+
+
+def stage_keys(stage: str) -> list[KeyInfo]:
+    """Every key that `mim <stage>` reads, in declaration order, with that stage's default."""
+    schema = SCHEMAS[stage]
+    return list(_walk(schema, stage, ""))
+
+
+def stage_sections(stage: str) -> list[tuple[str, str]]:
+    """(section name, description) of the sections that `mim <stage>` reads."""
+    return [
+        (_yaml_name(f), _declared(f).doc) for f in dataclasses.fields(SCHEMAS[stage]) if _read_by(f, stage)
+    ]
+
+
+def _walk(schema: type, stage: str, where: str):
+    hints = typing.get_type_hints(schema)
+    defaults = schema()
+    for f in dataclasses.fields(schema):
+        if not _read_by(f, stage):
+            continue
+        dotted = f"{where}.{_yaml_name(f)}" if where else _yaml_name(f)
+        annotation = hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            yield from _walk(annotation, stage, dotted)
+        else:
+            declared = _declared(f)
+            default = declared.stage_default(stage, getattr(defaults, f.name))
+            yield KeyInfo(dotted, _type_name(annotation), default, declared)
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
+        optional = type(None) in typing.get_args(annotation)
+        return " | ".join(names) + (" | null" if optional else "")
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(annotation)[0])}]"
+    return annotation.__name__
 
 
 def _yaml_name(f: dataclasses.Field) -> str:
@@ -322,11 +600,15 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def to_tree(config: Any) -> dict[str, Any]:
+def to_tree(config: Any, stage: str | None = None) -> dict[str, Any]:
+    """The config as YAML would spell it: the keys its stage reads, nothing else."""
+    stage = getattr(type(config), "STAGE", "") if stage is None else stage
     tree = {}
     for f in dataclasses.fields(config):
+        if not _read_by(f, stage):
+            continue
         value = getattr(config, f.name)
-        tree[_yaml_name(f)] = to_tree(value) if dataclasses.is_dataclass(value) else value
+        tree[_yaml_name(f)] = to_tree(value, stage) if dataclasses.is_dataclass(value) else value
     return tree
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mim.config import ClassifyConfig, load_config
+from mim.config import SCHEMAS, ClassifyConfig, load_config
 from mim.data.streams import ViewSpec
 from mim.engine.classifier import CachedFeatureProbe, ClassifierTrainer
 from mim.engine.optim import param_groups
@@ -53,9 +53,9 @@ def finetune_model(config: ClassifyConfig, inputs: ClassifyInputs):
 
 def run(stage: str, argv: list[str] | None, description: str) -> int:
     log = logging.getLogger(f"mim.{stage}")
-    args = config_parser(f"mim {stage}", description).parse_args(argv)
-    config = load_config(ClassifyConfig, args.config, args.overrides)
-    inputs = check_classify(config, stage)  # everything is checked, and the weights read, before any work
+    args = config_parser(f"mim {stage}", description, stage).parse_args(argv)
+    config = load_config(SCHEMAS[stage], args.config, args.overrides)
+    inputs = check_classify(config)  # everything is checked, and the weights read, before any work
     build = linprobe_model if stage == "linprobe" else finetune_model
     torch.manual_seed(config.run.seed)  # the same heads (and random encoder) for the same seed
     model, groups, report = build(config, inputs)

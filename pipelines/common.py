@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mim.config import write_config
+from mim.config_help import console_page
 from mim.distributed import DistEnv, any_rank, init_distributed, read_dist_env, shutdown
 from mim.errors import TrainingStopped, UserInputError
 from mim.runtime import RunDirBusy, RunLock, StopSignal, StopWhileWaiting, setup_logging
@@ -25,9 +26,30 @@ EXIT_USER_ERROR = 2
 EXIT_TRAINING_STOPPED = 3
 
 
-def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+class HelpConfig(argparse.Action):
+    """`--help-config`: the stage's config keys (name, type, default, allowed values, description)."""
+
+    def __init__(self, option_strings, dest, stage: str, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+        self.stage = stage
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(console_page(self.stage))
+        parser.exit()
+
+
+def add_help_config(parser: argparse.ArgumentParser, stage: str) -> None:
+    parser.add_argument(
+        "--help-config", action=HelpConfig, stage=stage, help="list this stage's config keys and exit"
+    )
+
+
+def config_parser(prog: str, description: str, stage: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="a YAML file, or a recipe name such as pretrain/mae_vit_base_p16 (mim configs)")
+    parser.add_argument(
+        "--config", help="a YAML file, or a recipe name such as pretrain/mae_vit_base_p16 (mim configs)"
+    )
+    add_help_config(parser, stage)
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.batch_size=32"
     )

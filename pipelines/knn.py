@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mim.config import ClassifyConfig, load_config
+from mim.config import LinprobeConfig, load_config
 from mim.data.streams import ViewSpec, spread_subset
 from mim.data.transforms import normalize_on_device
 from mim.distributed import init_distributed, read_dist_env, shutdown
@@ -21,7 +21,7 @@ from mim.errors import UserInputError
 from mim.models.classifier import build_linear_probe
 from mim.recipe import check_classify
 from mim.runtime import setup_logging
-from pipelines.common import reports_user_errors
+from pipelines.common import add_help_config, reports_user_errors
 
 log = logging.getLogger("mim.knn")
 
@@ -29,7 +29,8 @@ log = logging.getLogger("mim.knn")
 @reports_user_errors("mim knn")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mim knn", description=__doc__)
-    parser.add_argument("--config", default="linprobe/base", help="a YAML file or a recipe name (mim configs)")
+    parser.add_argument("--config", help="a linprobe YAML file or recipe name (mim configs); default: none")
+    add_help_config(parser, "knn")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument(
@@ -47,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if min(args.bank_samples or 1, args.val_samples or 1) < 1:
         raise UserInputError("--bank-samples and --val-samples must be at least 1")
-    config = load_config(ClassifyConfig, args.config, ["run.dir=.", *args.overrides])
-    inputs = check_classify(config, "linprobe")  # the same backbone loading and checks as the probe
+    config = load_config(LinprobeConfig, args.config, ["run.dir=.", *args.overrides])
+    inputs = check_classify(config)  # the same backbone loading and checks as the probe
     model, _ = build_linear_probe(
         inputs.arch, inputs.weights, inputs.num_classes, 1, config.model.global_pool
     )

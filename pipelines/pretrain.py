@@ -18,7 +18,7 @@ log = logging.getLogger("mim.pretrain")
 
 @reports_user_errors("mim pretrain")
 def main(argv: list[str] | None = None) -> int:
-    args = config_parser("mim pretrain", __doc__).parse_args(argv)
+    args = config_parser("mim pretrain", __doc__, "pretrain").parse_args(argv)
     config = load_config(PretrainConfig, args.config, args.overrides)
     arch, shards = check_pretrain(config)  # everything is checked before any work
     init_weights = check_init(config.init.from_, arch)

@@ -11,13 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-from mim.config import ClassifyConfig, PretrainConfig, load_config
+from mim.config import SCHEMAS, load_config
 from mim.errors import UserInputError
 from mim.recipe import check_run_dir
 from mim.slurm import JobSpec, render, submit
 from pipelines.common import reports_user_errors
 
-TRAINING_STAGES = {"pretrain": PretrainConfig, "linprobe": ClassifyConfig, "finetune": ClassifyConfig}
+TRAINING_STAGES = SCHEMAS
 
 
 def cluster_parser() -> argparse.ArgumentParser:

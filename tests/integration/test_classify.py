@@ -160,7 +160,8 @@ def test_wrong_checkpoints_fail_clearly_before_work(tmp_path, fmnist_shards):
         "probe.blocks=5",
     )
     assert (
-        result.returncode == 2 and "probe.blocks must be between 1 and the encoder's depth 4" in result.stderr
+        result.returncode == 2
+        and "probe.blocks must be at most the encoder's depth 4, got 5" in result.stderr
     )
     assert not any((tmp_path / name).exists() for name in "abcd")
 

@@ -217,13 +217,16 @@ def test_resuming_with_another_architecture_is_refused(tmp_path, fmnist_shards):
     [
         (("optim.blrr=1",), "did you mean 'optim.blr'"),
         (("data.batch_size=[1]",), "expects int"),
-        (("optim.accum_steps=0",), "accum_steps must be at least 1"),
+        (("optim.accum_steps=0",), "'optim.accum_steps' must be >= 1, got 0"),
         (("model.img_size=30",), "not a multiple of model.patch_size"),
         (("data.train=/nonexistent/train-{000000..000009}.tar",), "missing file"),
         (("init.from=/etc/hostname",), "not a weights file that loads safely"),
-        (("data.shuffle_buffer=0",), "data.shuffle_buffer must be at least 1"),
-        (("data.read_retries=-1",), "data.read_retries must be 0 or more"),
-        (("run.stop_check_every=0",), "run.stop_check_every must be at least 1"),  # was a ZeroDivisionError
+        (("data.shuffle_buffer=0",), "'data.shuffle_buffer' must be >= 1, got 0"),
+        (("data.read_retries=-1",), "'data.read_retries' must be >= 0, got -1"),
+        (
+            ("run.stop_check_every=0",),
+            "'run.stop_check_every' must be >= 1, got 0",
+        ),  # was a ZeroDivisionError
         (
             ("data.train=http://127.0.0.1:9/shards/_info.json", "data.read_retries=0"),
             "cannot read the shard index",
@@ -265,5 +268,5 @@ def test_a_probe_checks_the_loops_cadences_before_any_work(tmp_path, fmnist_shar
         override,
     )
     name = override.split("=")[0]
-    assert result.returncode == 2 and f"{name} must be at least 1, got 0" in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2 and f"{name!r} must be >= 1, got 0" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run").exists()

@@ -82,7 +82,7 @@ def test_the_installed_package_is_the_one_that_runs_and_carries_its_recipes(inst
     ]
     listed = mim(installed, "configs")
     assert listed.returncode == 0, listed.stderr[-3000:]
-    assert "pretrain/mae_vit_base_p16" in listed.stdout and "linprobe/base" in listed.stdout
+    assert "pretrain/mae_vit_base_p16" in listed.stdout and "linprobe/mae_vit_base_p16" in listed.stdout
     assert str(target / "mim" / "_data" / "configs") in listed.stderr
     wrong = mim(installed, "pretrain", "--config", "pretrain/mae_vit_base_p61")
     assert wrong.returncode == 2 and "did you mean pretrain/mae_vit_base_p16" in wrong.stderr

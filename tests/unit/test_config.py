@@ -100,16 +100,19 @@ def _checked(tmp_path, *overrides, shards=None):
     "override, message",
     [
         ("model.img_size=30", "not a multiple of model.patch_size"),
-        ("model.mask_ratio=1.0", r"mask_ratio must be in \(0, 1\)"),
-        ("model.mask_ratio=0", r"mask_ratio must be in \(0, 1\)"),
+        ("model.mask_ratio=1.0", r"'model.mask_ratio' must be \(0, 1\), got 1.0"),
+        ("model.mask_ratio=0", r"'model.mask_ratio' must be \(0, 1\), got 0"),
         ("model.name=mae_vit_nope", "unknown model"),
         ("model.num_heads=3", "not divisible by model.num_heads"),
         ("data.crop_scale=[0.5, 0.2]", "crop_scale"),
         ("schedule.warmup_epochs=900", "warmup_epochs"),
-        ("deepspeed.zero_stage=3", "zero_stage must be 0, 1, 2 or auto"),
+        ("deepspeed.zero_stage=3", "'deepspeed.zero_stage' must be one of 0, 1, 2, auto, got 3"),
         ("deepspeed.zero_stage=[1]", "zero_stage"),
         ("deepspeed.precision=fp8", "precision"),
-        ("deepspeed.compile=sometimes", "compile must be true, false or auto"),
+        (
+            "deepspeed.compile=sometimes",
+            "'deepspeed.compile' must be one of true, false, auto, got sometimes",
+        ),
     ],
 )
 def test_impossible_combinations_fail_before_work(tmp_path, jpeg_shards, override, message):
