@@ -8,7 +8,7 @@ Per model, with its AdamW state (after one step, ZeRO stage 0, one process), int
 - mim: `checkpoint.save` as training calls it (every file summed as it is written, the manifest),
   with the time spent inside the checksum's `update` calls added up: what the summing costs;
 - plain: the files as mim wrote them before manifests (DeepSpeed's own save, torch.save,
-  safetensors' save_file, meta.json), the reference the issue's budget is set against;
+  safetensors' save_file, meta.json), the reference the checksums' cost is set against;
 then `checkpoint.verify` (every file read back and summed), DeepSpeed's `load_checkpoint` (a resume
 where the checkpoint was written) and mim's move (`mim.engine.portable`: the per-parameter AdamW
 state read from DeepSpeed's files and written into the engine, what a resume on another number of
