@@ -29,6 +29,15 @@ model and both optimizers' states are resident throughout). On the CPU, peak RSS
 
 `--profile DIR` also runs torch.profiler over a few of mim's steps per model and batch, prints the
 ops that take the most time and writes a Chrome trace (chrome://tracing, Perfetto) to DIR.
+
+`--target hog teacher ema ema+global ...` compares instead mim's step with each pretraining
+target against mim's step with pixels (MAE), on one process: the same geometry, the same images
+and masks, interleaved rounds; the target's own work is in its step (HOG on the device, the
+teacher's forward without gradients, the EMA update). The teacher is a frozen copy of a
+freshly initialised encoder of the same shape (`--teacher-model` for another registered one).
+
+    python benchmarks/pretrain_step.py --model mae_vit_demo_patch7 --batch 256 \
+        --target hog teacher ema pixels+global ema+global --steps 5 --rounds 5
 """
 
 from __future__ import annotations
@@ -49,12 +58,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
+from mim.config import TargetConfig
 from mim.distributed import init_distributed, read_dist_env
 from mim.engine.deepspeed_engine import EngineSettings, build_engine, resolve_precision
+from mim.engine.objective import Objective
 from mim.engine.optim import param_groups
 from mim.engine.schedule import apply_lr
 from mim.engine.step import StepRunner
 from mim.models import create_model
+from mim.models.backbone import ENCODER_DROP_PREFIXES, Weights
+from mim.models.mae import MaskedAutoencoderViT
+from mim.models.registry import model_args
 
 LR = 1e-4
 
@@ -95,6 +109,14 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--profile", metavar="DIR", help="also profile mim's steps; traces go to DIR")
+    parser.add_argument(
+        "--target",
+        nargs="+",
+        help="compare these targets' steps with pixels': hog, teacher, ema, KIND+global (global_weight 1)",
+    )
+    parser.add_argument(
+        "--teacher-model", help="--target teacher: the teacher's variant (default: --model's)"
+    )
     args = parser.parse_args()
     args.zero_option = tuple(zero_option(parser, text) for text in args.zero_option)
     return args
@@ -285,8 +307,95 @@ def mfu(flops: int, ms: float, peak_tflops: float | None) -> str:
     return f"{100 * flops / (ms / 1000) / (peak_tflops * 1e12):.1f} %" if peak_tflops else "-"
 
 
+class TargetBench:
+    """mim's step with one pretraining objective, on a model shaped for it."""
+
+    def __init__(
+        self, name: str, spec: str, batch: int, args: argparse.Namespace, device: torch.device
+    ) -> None:
+        kind, _, extra = spec.partition("+")
+        target = TargetConfig(kind=kind, global_weight=1.0 if extra == "global" else 0.0)
+        arch = model_args(name, norm_pix_loss=True)
+        teacher = None
+        if kind == "teacher":
+            teacher_arch = model_args(args.teacher_model or name)
+            fresh = create_model(args.teacher_model or name).state_dict()
+            state = {k: v for k, v in fresh.items() if not k.startswith(ENCODER_DROP_PREFIXES)}
+            teacher = Weights(state, teacher_arch, "a fresh encoder", {}, {})
+            target.teacher = "a fresh encoder"
+        precision = resolve_precision(args.precision)
+        self.objective = Objective(target, arch, teacher, device, precision == "bf16")
+        torch.manual_seed(0)
+        model = MaskedAutoencoderViT(
+            **arch, pred_dim=self.objective.pred_dim, global_dim=self.objective.global_dim
+        )
+        model = model.to(device)
+        settings = EngineSettings(
+            micro_batch_size=batch,
+            accum_steps=1,
+            world_size=1,
+            zero_stage=0,
+            precision=args.precision,
+            grad_clip=None,
+            num_params=sum(p.numel() for p in model.parameters()),
+        )
+        self.engine = build_engine(model, param_groups(model, 0.05), settings)
+        self.runner = StepRunner(self.engine, settings, device)
+        self.objective.attach(self.engine.module)
+        data = torch.Generator(device="cpu").manual_seed(1000)
+        self.images = torch.randn(
+            batch, arch["in_chans"], arch["img_size"], arch["img_size"], generator=data
+        ).to(device)
+        self.noise = torch.rand(batch, model.num_patches, generator=data).to(device)
+        self.mask_ratio, self.step_number = args.mask_ratio, 0
+
+    def step(self) -> None:
+        self.step_number += 1
+
+        def micro_loss(micro: int) -> torch.Tensor:
+            inputs = self.objective.step_inputs(self.images)
+            loss, _, _ = self.engine(self.images, mask_ratio=self.mask_ratio, noise=self.noise, **inputs)
+            return loss
+
+        self.runner.run(self.step_number, LR, micro_loss)
+        self.objective.after_step(self.step_number, 10**6)
+
+
+def compare_targets(args: argparse.Namespace, device: torch.device) -> None:
+    """Each target's step against pixels', interleaved rounds, medians."""
+    print(f"| model | batch | target | pixels ms | target ms | target / pixels |\n|{'---|' * 6}", flush=True)
+    for name in args.model:
+        for batch in args.batch:
+            for spec in args.target:
+                benches = {"pixels": TargetBench(name, "pixels", batch, args, device)}
+                benches[spec] = TargetBench(name, spec, batch, args, device)
+                times: dict[str, list[float]] = {key: [] for key in benches}
+                for bench in benches.values():
+                    for _ in range(args.warmup):
+                        bench.step()
+                for round_index in range(args.rounds):
+                    order = list(benches) if round_index % 2 == 0 else list(reversed(benches))
+                    for key in order:
+                        synchronize(device)
+                        start = time.perf_counter()
+                        for _ in range(args.steps):
+                            benches[key].step()
+                        synchronize(device)
+                        times[key].append((time.perf_counter() - start) / args.steps * 1000)
+                pixels, other = statistics.median(times["pixels"]), statistics.median(times[spec])
+                print(
+                    f"| {name} | {batch} | {spec} | {pixels:.1f} | {other:.1f} | {other / pixels:.2f}x |",
+                    flush=True,
+                )
+
+
 def main() -> None:
     args = parse()
+    if args.target:
+        device = init_distributed(read_dist_env())
+        print(f"device: {device}; torch {torch.__version__}; {args.rounds} rounds x {args.steps} steps")
+        compare_targets(args, device)
+        return
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         sys.exit(launch_ranks(args.nproc))
     device = init_distributed(read_dist_env())

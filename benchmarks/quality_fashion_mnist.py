@@ -5,6 +5,18 @@
     python benchmarks/quality_fashion_mnist.py --out runs/quality-smoke --pretrain-epochs 0.2 \\
         --finetune-epochs 0.1 --fewshot-epochs 0.5 --probe-epochs 2        # a smoke run
 
+`--target SPEC ...` runs instead one row per pretraining target (target.kind), each with the same
+model, pretraining budget (`--target-epochs`, by default the demo's 5) and evaluation protocol:
+linear probe (last 4 blocks), kNN, fine-tuning with 100 % and 10 % of the labels, and the
+pretraining's wall time. SPEC is pixels, hog, ema, teacher-mae (the teacher: a pixel MAE
+pretrained for `--teacher-epochs`) or teacher-supervised (that MAE fine-tuned on all the labels:
+a teacher that saw the labels, so its row is not self-supervised), each optionally +global (the
+cls-token objective, target.global_weight=1) and @EPOCHS (another pretraining budget for that row,
+e.g. pixels@3.6 to give pixel MAE the wall time another target took):
+
+    python benchmarks/quality_fashion_mnist.py --out runs/targets --target pixels hog ema \
+        teacher-mae teacher-supervised pixels+global ema+global
+
 Rows: linear probe on MAE features vs on a random encoder of the same shape; fine-tuning from MAE
 vs the same ViT from scratch with the same budget, with 100 % and with 10 % of the labels
 (class-balanced, seeded); multinomial logistic regression on raw pixels. Fixed seed: the same
@@ -18,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,6 +64,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--finetune-epochs", type=float, default=3, help="with all labels")
     parser.add_argument("--fewshot-fraction", type=float, default=0.1)
     parser.add_argument("--fewshot-epochs", type=float, default=15, help="epochs over the labelled fraction")
+    parser.add_argument(
+        "--target", nargs="+", help="one row per target instead of the table above (see the top)"
+    )
+    parser.add_argument("--target-epochs", type=float, default=5, help="--target: pretraining epochs of each")
+    parser.add_argument("--teacher-epochs", type=float, default=20, help="--target: the teacher MAE's epochs")
+    parser.add_argument("--knn-bank", type=int, default=10000, help="--target: kNN bank samples (of train)")
     return parser.parse_args(argv)
 
 
@@ -110,77 +129,189 @@ class Results:
         self.path.write_text(json.dumps(self.data, indent=1))
 
 
-def run(args: argparse.Namespace) -> Results:
-    data, out = find_data(args.data), args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    results = Results(out / "results.json")
-    shards = {name: out / "shards" / name for name in ("train", "test", "fewshot")}
-    if not results.done("shards"):
-        started = time.monotonic()
-        for split in ("train", "test"):
-            write_shards(fashion_mnist(data, split), shards[split], name=split, shard_size=2000)
-        full = fashion_mnist(data, "train")
-        _, labels = fashion_mnist_arrays(data, "train")
-        subset = [full.records[i] for i in balanced_subset(labels, args.fewshot_fraction, args.seed)]
-        write_shards(Source(subset, full.classes), shards["fewshot"], name="train", shard_size=2000)
-        results.record("shards", time.monotonic() - started)
-    fewshot_size = json.loads((shards["fewshot"] / "_info.json").read_text())["num_samples"]
-    seed = f"run.seed={args.seed}"
-    val = f"data.val={shards['test']}"
+class Bench:
+    """The benchmark's shards, results file and stage runner, shared by both tables."""
 
-    def staged(key: str, name: str, *arguments: str) -> None:
-        if results.done(key):
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.data, self.out = args, find_data(args.data), args.out.resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results = Results(self.out / "results.json")
+        self.shards = {name: self.out / "shards" / name for name in ("train", "test", "fewshot")}
+        if not self.results.done("shards"):
+            started = time.monotonic()
+            for split in ("train", "test"):
+                write_shards(fashion_mnist(self.data, split), self.shards[split], name=split, shard_size=2000)
+            full = fashion_mnist(self.data, "train")
+            _, labels = fashion_mnist_arrays(self.data, "train")
+            subset = [full.records[i] for i in balanced_subset(labels, args.fewshot_fraction, args.seed)]
+            write_shards(Source(subset, full.classes), self.shards["fewshot"], name="train", shard_size=2000)
+            self.results.record("shards", time.monotonic() - started)
+        self.fewshot_size = json.loads((self.shards["fewshot"] / "_info.json").read_text())["num_samples"]
+        self.val = f"data.val={self.shards['test']}"
+
+    def staged(self, key: str, name: str, *arguments: str) -> None:
+        if self.results.done(key):
             return
-        run_dir = out / key
-        seconds = stage(name, *arguments, seed, f"run.dir={run_dir}")
-        results.record(key, seconds, None if name == "pretrain" else best_top1(run_dir))
+        run_dir = self.out / key
+        seconds = stage(name, *arguments, f"run.seed={self.args.seed}", f"run.dir={run_dir}")
+        self.results.record(key, seconds, None if name == "pretrain" else best_top1(run_dir))
 
-    staged(
-        "pretrain",
-        "pretrain",
-        "--config",
-        "configs/demo/pretrain.yaml",
-        f"data.train={shards['train']}",
-        f"schedule.epochs={args.pretrain_epochs}",
-        f"schedule.warmup_epochs={min(1.0, args.pretrain_epochs / 10)}",
-    )
-    probe = (
-        "--config",
-        "configs/demo/linprobe.yaml",
-        f"data.train={shards['train']}",
-        val,
-        f"schedule.epochs={args.probe_epochs}",
-        f"schedule.warmup_epochs={args.probe_epochs / 12}",
-        f"eval.every_epochs={args.probe_epochs / 6}",
-    )
-    scratch = ("init.from=none", f"model.name={DEMO_MODEL}")
-    mae = (f"init.from={out / 'pretrain'}",)
-    staged("linprobe_mae", "linprobe", *probe, *mae)
-    staged("linprobe_random", "linprobe", *probe, *scratch)
+    def pretraining(self, epochs: float, *extra: str) -> tuple[str, ...]:
+        return (
+            "--config",
+            "configs/demo/pretrain.yaml",
+            f"data.train={self.shards['train']}",
+            f"schedule.epochs={epochs}",
+            f"schedule.warmup_epochs={min(1.0, epochs / 10)}",
+            *extra,
+        )
 
-    def finetune(train: Path, epochs: float, *extra: str) -> tuple[str, ...]:
+    def probe(self, *extra: str) -> tuple[str, ...]:
+        epochs = self.args.probe_epochs
+        return (
+            "--config",
+            "configs/demo/linprobe.yaml",
+            f"data.train={self.shards['train']}",
+            self.val,
+            f"schedule.epochs={epochs}",
+            f"schedule.warmup_epochs={epochs / 12}",
+            f"eval.every_epochs={epochs / 6}",
+            *extra,
+        )
+
+    def finetune(self, fewshot: bool, *extra: str) -> tuple[str, ...]:
+        epochs = self.args.fewshot_epochs if fewshot else self.args.finetune_epochs
+        train = self.shards["fewshot" if fewshot else "train"]
         return (
             "--config",
             "configs/demo/finetune.yaml",
             f"data.train={train}",
-            val,
+            self.val,
             *extra,
+            *([f"data.samples_per_epoch={self.fewshot_size}"] if fewshot else []),
             f"schedule.epochs={epochs}",
             f"schedule.warmup_epochs={epochs / 10}",
             f"eval.every_epochs={epochs / 3}",
         )
 
-    full = finetune(shards["train"], args.finetune_epochs)
-    fewshot = finetune(shards["fewshot"], args.fewshot_epochs, f"data.samples_per_epoch={fewshot_size}")
-    staged("finetune_mae", "finetune", *full, *mae)
-    staged("finetune_scratch", "finetune", *full, *scratch)
-    staged("fewshot_mae", "finetune", *fewshot, *mae)
-    staged("fewshot_scratch", "finetune", *fewshot, *scratch)
-    if not results.done("pixels_logistic"):
+    def knn(self, key: str, run_dir: Path) -> None:
+        if self.results.done(key):
+            return
         started = time.monotonic()
-        accuracy = pixel_logistic_regression(data, args.seed)
-        results.record("pixels_logistic", time.monotonic() - started, accuracy)
-    return results
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                "knn",
+                "--config",
+                "configs/demo/linprobe.yaml",
+                "--bank-samples",
+                str(self.args.knn_bank),
+                "--out",
+                str(self.out / f"{key}.json"),
+                f"init.from={run_dir}",
+                f"data.train={self.shards['train']}",
+                self.val,
+            ],
+            check=True,
+        )
+        top1 = json.loads((self.out / f"{key}.json").read_text())["top1"]
+        self.results.record(key, time.monotonic() - started, top1)
+
+
+def run(args: argparse.Namespace) -> Results:
+    bench = Bench(args)
+    scratch = ("init.from=none", f"model.name={DEMO_MODEL}")
+    mae = (f"init.from={bench.out / 'pretrain'}",)
+    bench.staged("pretrain", "pretrain", *bench.pretraining(args.pretrain_epochs))
+    bench.staged("linprobe_mae", "linprobe", *bench.probe(*mae))
+    bench.staged("linprobe_random", "linprobe", *bench.probe(*scratch))
+    bench.staged("finetune_mae", "finetune", *bench.finetune(False, *mae))
+    bench.staged("finetune_scratch", "finetune", *bench.finetune(False, *scratch))
+    bench.staged("fewshot_mae", "finetune", *bench.finetune(True, *mae))
+    bench.staged("fewshot_scratch", "finetune", *bench.finetune(True, *scratch))
+    if not bench.results.done("pixels_logistic"):
+        started = time.monotonic()
+        accuracy = pixel_logistic_regression(bench.data, args.seed)
+        bench.results.record("pixels_logistic", time.monotonic() - started, accuracy)
+    return bench.results
+
+
+TEACHERS = {
+    "teacher-mae": "a pixel MAE of the same shape pretrained for --teacher-epochs",
+    "teacher-supervised": "that MAE fine-tuned on all the labels (the teacher saw the labels)",
+}
+
+
+def parse_spec(spec: str, default_epochs: float) -> tuple[str, str, float, str]:
+    """`KIND[+global][@EPOCHS]` -> (kind, suffix, epochs, the results' key)."""
+    head, _, epochs = spec.partition("@")
+    kind, _, extra = head.partition("+")
+    return kind, extra, float(epochs or default_epochs), spec.replace("+", "_").replace("@", "_at_")
+
+
+def target_overrides(bench: Bench, spec: str) -> tuple[str, ...]:
+    kind, extra, _, _ = parse_spec(spec, 0)
+    overrides = ["monitor.bank=", "monitor.val="]
+    if kind in TEACHERS:
+        teachers = {"teacher-mae": "teacher_mae", "teacher-supervised": "teacher_supervised"}
+        overrides += ["target.kind=teacher", f"target.teacher={bench.out / teachers[kind]}"]
+    else:
+        overrides.append(f"target.kind={kind}")
+    if extra == "global":
+        overrides.append("target.global_weight=1.0")
+    elif extra:
+        raise SystemExit(f"--target {spec}: the only suffix is +global")
+    return tuple(overrides)
+
+
+def run_targets(args: argparse.Namespace) -> Results:
+    """One row per target: pretraining at --target-epochs, then the same evaluations."""
+    bench = Bench(args)
+    kinds = {parse_spec(spec, 0)[0] for spec in args.target}
+    if kinds & set(TEACHERS):
+        bench.staged("teacher_mae", "pretrain", *bench.pretraining(args.teacher_epochs))
+    if "teacher-supervised" in kinds:
+        bench.staged(
+            "teacher_supervised", "finetune", *bench.finetune(False, f"init.from={bench.out / 'teacher_mae'}")
+        )
+    for spec in args.target:
+        _, _, epochs, key = parse_spec(spec, args.target_epochs)
+        run_dir = bench.out / f"pretrain_{key}"
+        bench.staged(
+            f"pretrain_{key}", "pretrain", *bench.pretraining(epochs, *target_overrides(bench, spec))
+        )
+        encoder = (f"init.from={run_dir}",)
+        bench.staged(f"linprobe_{key}", "linprobe", *bench.probe(*encoder))
+        bench.knn(f"knn_{key}", run_dir)
+        bench.staged(f"finetune_{key}", "finetune", *bench.finetune(False, *encoder))
+        bench.staged(f"fewshot_{key}", "finetune", *bench.finetune(True, *encoder))
+    return bench.results
+
+
+def target_table(results: Results, args: argparse.Namespace) -> str:
+    accuracy, seconds = results.data["accuracy"], results.data["seconds"]
+    percent = round(args.fewshot_fraction * 100)
+    lines = [
+        f"| target | pretraining epochs | linear probe | kNN | fine-tune 100 % | fine-tune {percent} % "
+        "| pretraining time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for spec in args.target:
+        _, _, epochs, key = parse_spec(spec, args.target_epochs)
+        cells = [
+            f"{accuracy[f'{stage}_{key}']:.2f} %" for stage in ("linprobe", "knn", "finetune", "fewshot")
+        ]
+        time_taken = format_duration(seconds[f"pretrain_{key}"])
+        lines.append(f"| {spec.partition('@')[0]} | {epochs:g} | {' | '.join(cells)} | {time_taken} |")
+    used = [name for name in TEACHERS if any(parse_spec(spec, 0)[0] == name for spec in args.target)]
+    lines += [""] + [f"{name}: {TEACHERS[name]}." for name in used]
+    lines.append(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}; command: {' '.join(sys.argv)}"
+    )
+    return "\n".join(lines)
 
 
 def table(results: Results, args: argparse.Namespace) -> str:
@@ -220,8 +351,10 @@ def table(results: Results, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    results = run(args)
-    text = table(results, args)
+    if args.target:
+        text = target_table(run_targets(args), args)
+    else:
+        text = table(run(args), args)
     (args.out / "results.md").write_text(f"# Fashion-MNIST quality benchmark\n\n{text}\n")
     print(f"\n{text}")
     return 0

@@ -5,6 +5,8 @@
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files (engine.save_checkpoint)
         rank-00000.pt                            per-rank RNG states and data-stream positions
         model.safetensors                        the model's weights in fp32 (official MAE names)
+        NAME.safetensors                         state every rank shares that is not the model's
+                                                 (teacher.safetensors: an EMA teacher), from rank 0
         meta.json                                step, config, model, versions, git sha
         manifest.json                            every other file's size and checksum (written last)
     RUN_DIR/checkpoints/.tmp-step-00001000/  a checkpoint being written; never loaded
@@ -359,8 +361,10 @@ def save(
     keep_last: int,
     barrier: Callable[[], None],
     gather: Callable[[Any], list] = lambda value: [value],
+    shared: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Saves a complete checkpoint; every rank calls it (`barrier`, `gather`: the process group's).
+    """Saves a complete checkpoint; every rank calls it (`barrier`, `gather`: the process group's;
+    `shared`: tensors by file name that every rank holds alike, written once, by rank 0).
     Returns the final directory. A failed write (disk full, quota) leaves the previous checkpoints
     as they were."""
     root = Path(run_dir) / CHECKPOINT_DIR
@@ -380,6 +384,9 @@ def save(
             }
             save_file(weights, str(temporary / WEIGHTS_FILE))  # 10x faster than safetensors' bytes + write
             sums[WEIGHTS_FILE] = _file_entry(temporary / WEIGHTS_FILE)  # read back from the page cache
+            for name, tensors in (shared or {}).items():
+                save_file(tensors, str(temporary / f"{name}.safetensors"))
+                sums[f"{name}.safetensors"] = _file_entry(temporary / f"{name}.safetensors")
             meta = dict(meta, step=step, versions=versions(), git_sha=git_sha(), integrity=MANIFEST_FILE)
             text = json.dumps(meta, indent=1, default=str).encode()
             sums[META_FILE] = _write_summed(temporary / META_FILE, lambda f: f.write(text))
@@ -422,6 +429,13 @@ def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{checkpoint} has no {WEIGHTS_FILE}; is it a complete mim checkpoint?")
     verify(checkpoint, [WEIGHTS_FILE, META_FILE])
     return load_file(str(path))
+
+
+def load_shared(checkpoint: Path, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The shared states `save` wrote under `names` (those the checkpoint has), verified."""
+    present = [name for name in names if (Path(checkpoint) / f"{name}.safetensors").is_file()]
+    verify(checkpoint, [f"{name}.safetensors" for name in present])
+    return {name: load_file(str(Path(checkpoint) / f"{name}.safetensors")) for name in present}
 
 
 def consolidated_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

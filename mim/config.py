@@ -311,6 +311,32 @@ class MonitorConfig:
 
 
 @dataclass
+class TargetConfig:
+    kind: str = key(
+        "pixels",
+        "what the decoder predicts at masked patches: pixels (MAE), hog (MaskFeat), teacher (a frozen "
+        "backbone's tokens), ema (data2vec: an EMA of the encoder)",
+        choices=("pixels", "hog", "teacher", "ema"),
+    )
+    teacher: str = key("", "the frozen teacher (kind=teacher, or the global objective): what init.from takes")
+    loss: str = key(
+        "auto", "auto: cosine for teacher, mse otherwise", choices=("auto", "mse", "cosine", "smooth_l1")
+    )
+    hog_bins: int = key(9, "HOG orientation bins over [0, 180) degrees", bounds=">= 2")
+    hog_cell: int | None = key(
+        None, "HOG cell side in pixels, dividing the patch; null: 8 if it can", bounds=">= 1"
+    )
+    ema_decay: float = key(0.9998, "the EMA teacher's momentum at step 0", bounds="(0, 1)")
+    ema_end_decay: float = key(0.99999, "its momentum at the last step (linear in between)", bounds="(0, 1]")
+    ema_top_k: int = key(
+        8, "EMA targets: the average of the last k blocks (at most the depth)", bounds=">= 1"
+    )
+    global_weight: float = key(
+        0.0, "weight of the cls token predicting the teacher's (EMA or target.teacher); 0: off", bounds=">= 0"
+    )
+
+
+@dataclass
 class InitConfig:
     from_: str = key(
         "",
@@ -340,6 +366,7 @@ class PretrainConfig(StageConfig):
     STAGE: ClassVar[str] = PRETRAIN
     model: ModelConfig = section(ModelConfig, "the MAE: encoder and decoder shape, masking")
     optim: OptimConfig = section(OptimConfig, "AdamW and its lr")
+    target: TargetConfig = section(TargetConfig, "what the decoder (and the cls token) learn to predict")
     monitor: MonitorConfig = section(MonitorConfig, "online kNN accuracy of the encoder during pretraining")
 
 

@@ -25,6 +25,7 @@ from mim.data.streams import spread_subset
 from mim.engine.evaluate import KnnSplits
 from mim.models.backbone import ARCH_KEYS, Weights, load_weights
 from mim.models.registry import model_args
+from mim.models.targets import hog_cell
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
     check_data(config.data)
     check_optim(config.optim, config.schedule)
     check_run_dir(config.run.dir)
+    check_target(config.target, arch)
     try:
         shards = open_shards(config.data.train, read_policy(config.data))
     except (FileNotFoundError, ValueError) as error:
@@ -168,6 +170,30 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
         "img2dataset's *_stats.json): set data.samples_per_epoch",
     )
     return arch, shards
+
+
+def check_target(target: Any, arch: dict[str, Any]) -> None:
+    """What relates the target keys to each other and to the model (the teacher is loaded later,
+    by the pretrainer, before any work)."""
+    require(
+        target.kind != "teacher" or bool(target.teacher),
+        "target.kind=teacher needs target.teacher: a mim run or export, an official MAE .pth or timm weights",
+    )
+    require(
+        not target.teacher or target.kind == "teacher" or target.global_weight > 0,
+        f"target.teacher is set but nothing uses it: target.kind is {target.kind!r} and "
+        "target.global_weight is 0",
+    )
+    if target.kind == "hog":
+        cell = hog_cell(arch["patch_size"], target.hog_cell)
+        require(
+            arch["patch_size"] % cell == 0,
+            f"target.hog_cell {cell} must divide model.patch_size {arch['patch_size']}",
+        )
+    require(
+        target.ema_decay <= target.ema_end_decay,
+        f"target.ema_decay {target.ema_decay} must be at most target.ema_end_decay {target.ema_end_decay}",
+    )
 
 
 def check_monitor(monitor: MonitorConfig, data: DataConfig) -> KnnSplits | None:

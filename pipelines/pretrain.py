@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mim.config import PretrainConfig, load_config
 from mim.engine.pretrainer import Pretrainer
+from mim.models.backbone import load_weights
 from mim.recipe import check_init, check_monitor, check_pretrain
 from pipelines.common import config_parser, reports_user_errors, started_run
 from pipelines.requeue import requeue_if_stopped
@@ -22,10 +23,19 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(PretrainConfig, args.config, args.overrides)
     arch, shards = check_pretrain(config)  # everything is checked before any work
     init_weights = check_init(config.init.from_, arch)
+    teacher = load_weights(config.target.teacher) if config.target.teacher else None
     monitor_splits = check_monitor(config.monitor, config.data)
     with started_run(Path(config.run.dir), config) as (env, device, stop):
         pretrainer = Pretrainer(
-            config, arch, shards, env, device, stop, init_weights=init_weights, monitor_splits=monitor_splits
+            config,
+            arch,
+            shards,
+            env,
+            device,
+            stop,
+            init_weights=init_weights,
+            monitor_splits=monitor_splits,
+            teacher_weights=teacher,
         )
         outcome = pretrainer.run()
         log.info("stopped at step %d of %d (%s)", outcome.step, outcome.total_steps, outcome.reason)

@@ -51,6 +51,12 @@ def reconstructions(args: argparse.Namespace) -> str:
             f"{source} is a {meta['stage']} checkpoint; reconstructions need a pretraining one "
             "(--attention works on any checkpoint)"
         )
+    kind = meta.get("target", {}).get("kind", "pixels")
+    if kind != "pixels":
+        raise UserInputError(
+            f"{source} was pretrained with target.kind={kind}: its decoder predicts {kind} features, "
+            "not pixels, so there are no reconstructions to draw (--attention works on it)"
+        )
     arch = meta["model"]["arch"]
     model = create_model(meta["model"]["name"], **arch)
     model.load_state_dict(checkpoint.load_weights(source))

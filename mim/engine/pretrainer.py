@@ -1,5 +1,6 @@
-"""MAE pretraining: the shared loop with the masked-reconstruction loss, deterministic masks
-(a pure function of seed, rank and step) and reconstruction grids in TensorBoard."""
+"""MAE pretraining: the shared loop with the masked-modeling objective (mim.engine.objective:
+pixels, HOG, a teacher's or an EMA encoder's features), deterministic masks (a pure function of
+seed, rank and step) and reconstruction grids in TensorBoard."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ from pathlib import Path
 
 import torch
 
+from mim import checkpoint
 from mim.config import ConfigError, PretrainConfig
 from mim.data.shards import ShardSet
 from mim.data.streams import ViewSpec, derived_seed, first_images
 from mim.distributed import DistEnv
+from mim.engine.deepspeed_engine import resolve_precision
 from mim.engine.evaluate import KnnSplits
 from mim.engine.monitor import KnnMonitor
+from mim.engine.objective import TEACHER_STATE, Objective
 from mim.engine.optim import param_groups
 from mim.engine.trainer import Outcome, Trainer
 from mim.models.backbone import Weights
@@ -68,9 +72,15 @@ class Pretrainer(Trainer):
         model: MaskedAutoencoderViT | None = None,
         init_weights: Weights | None = None,
         monitor_splits: KnnSplits | None = None,
+        teacher_weights: Weights | None = None,
     ) -> None:
+        bf16 = resolve_precision(config.deepspeed.precision) == "bf16"
+        self.objective = Objective(config.target, arch, teacher_weights, device, bf16)
         torch.manual_seed(config.run.seed)  # the same initial weights for the same seed
-        model = model if model is not None else MaskedAutoencoderViT(**arch)
+        if model is None:
+            model = MaskedAutoencoderViT(
+                **arch, pred_dim=self.objective.pred_dim, global_dim=self.objective.global_dim
+            )
         self.arch = arch
         super().__init__(
             config,
@@ -85,6 +95,7 @@ class Pretrainer(Trainer):
         self.init = None
         if init_weights is not None and self.resume_from is None:
             self.init = initialize_from(self.engine.module, init_weights)
+        self.objective.attach(self.engine.module)  # the EMA teacher starts from these weights
         self.monitor = (
             KnnMonitor(
                 config.monitor,
@@ -98,6 +109,12 @@ class Pretrainer(Trainer):
             if monitor_splits is not None
             else None
         )
+        self.reconstructs = self.objective.kind == "pixels"  # other targets have no pixels to show
+        if not self.reconstructs and config.log.recon_every:
+            log.info(
+                "target.kind=%s predicts no pixels: TensorBoard gets attention maps, no reconstructions",
+                self.objective.kind,
+            )
         wants_fixed = self.writer is not None and (config.log.recon_every or self.init is not None)
         self.fixed = self.fixed_images() if wants_fixed else None
 
@@ -106,7 +123,9 @@ class Pretrainer(Trainer):
             derived_seed(self.config.run.seed, self.env.rank, self.step, micro)
         )
         noise = torch.rand(images.shape[0], self.model.num_patches, generator=generator, device=self.device)
-        loss, _, _ = self.engine(images, mask_ratio=self.config.model.mask_ratio, noise=noise)
+        loss, _, _ = self.engine(
+            images, mask_ratio=self.config.model.mask_ratio, noise=noise, **self.objective.step_inputs(images)
+        )
         return loss
 
     def run(self) -> Outcome:
@@ -131,7 +150,8 @@ class Pretrainer(Trainer):
             images = self.normalize(self.fixed)
             generator = torch.Generator(device=self.device).manual_seed(self.config.run.seed)
             noise = torch.rand(images.shape[0], module.num_patches, generator=generator, device=self.device)
-            loss, _, _ = module(images, mask_ratio=self.config.model.mask_ratio, noise=noise)
+            inputs = self.objective.step_inputs(images)
+            loss, _, _ = module(images, mask_ratio=self.config.model.mask_ratio, noise=noise, **inputs)
         module.train(was_training)
         return float(loss)
 
@@ -152,6 +172,7 @@ class Pretrainer(Trainer):
             self.writer.flush()
 
     def after_step(self) -> None:
+        self.objective.after_step(self.step, self.plan.total_steps)
         if self.monitor is not None and self.monitor.due(self.step, self.plan.total_steps):
             self.evaluate_monitor()
         if (
@@ -160,8 +181,9 @@ class Pretrainer(Trainer):
             and self.step % self.config.log.recon_every == 0
         ):
             model, mean, std = self.engine.module, self.config.data.mean, self.config.data.std
-            grid = reconstruction_grid(model, self.fixed, mean, std, self.config.model.mask_ratio)
-            self.writer.add_image("reconstructions", grid, self.step)
+            if self.reconstructs:
+                grid = reconstruction_grid(model, self.fixed, mean, std, self.config.model.mask_ratio)
+                self.writer.add_image("reconstructions", grid, self.step)
             self.writer.add_image("attention", attention_grid(model, self.fixed, mean, std), self.step)
 
     def meta(self) -> dict:
@@ -170,12 +192,25 @@ class Pretrainer(Trainer):
             model={"name": self.config.model.name, "arch": self.arch},
             init=self.init,
             norm_pix_loss=self.arch["norm_pix_loss"],
+            target=self.objective.describe(),
             mean=self.config.data.mean,
             std=self.config.data.std,
         )
 
+    def shared_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.objective.state()
+
+    def load_shared_state(self, checkpoint_dir: Path) -> None:
+        self.objective.load_state(checkpoint.load_shared(checkpoint_dir, [TEACHER_STATE]))
+
     def check_resumable(self, meta: dict, path: Path) -> None:
         super().check_resumable(meta, path)
+        theirs = meta.get("target", {"kind": "pixels", "loss": "mse", "global_weight": 0.0})
+        if theirs != self.objective.describe():
+            raise ConfigError(
+                f"cannot resume from {path}: it was trained for target {theirs}, this run's is "
+                f"{self.objective.describe()}; use a new run.dir or the same target.* settings"
+            )
         if meta.get("model", {}).get("arch") != self.arch:
             raise ConfigError(
                 f"cannot resume from {path}: it holds model {meta.get('model')}, but this run's model is "

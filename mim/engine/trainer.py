@@ -124,6 +124,13 @@ class Trainer:
     def after_step(self) -> None:
         """Called on every rank after each optimizer step."""
 
+    def shared_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """State every rank holds alike, beside the model, that a checkpoint keeps (by file name)."""
+        return {}
+
+    def load_shared_state(self, checkpoint_dir: Path) -> None:
+        """On resume, after the engine's state: reads what `shared_state` saved."""
+
     def meta(self) -> dict:
         return {
             "stage": self.stage,
@@ -226,6 +233,7 @@ class Trainer:
             self.config.run.keep_last,
             barrier,
             gather_objects,
+            shared=self.shared_state() if self.env.is_main else None,
         )
         self.saved_step = self.step
         log.info("checkpoint %s written", path)
@@ -241,6 +249,7 @@ class Trainer:
             self.engine, latest, meta, self.engine_settings.resolved_zero_stage, self.env.world_size
         )
         self.step = self.saved_step = int(meta["step"])
+        self.load_shared_state(latest)
         rank_state = checkpoint.load_rank_state(latest, self.env.rank)
         if rank_state is None:
             log.warning(

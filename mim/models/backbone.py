@@ -25,7 +25,7 @@ from mim import checkpoint
 from mim.errors import UserInputError
 
 log = logging.getLogger(__name__)
-ENCODER_DROP_PREFIXES = ("decoder_", "mask_token")
+ENCODER_DROP_PREFIXES = ("decoder_", "mask_token", "global_head")  # pretraining-only parts
 HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16}
 TIMM_NAMES = {  # (embed_dim, depth, patch) -> a timm architecture of that shape
     (192, 12, 16): "vit_tiny_patch16_224",

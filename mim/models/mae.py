@@ -2,6 +2,10 @@
 
 Parameter names follow the official MAE checkpoints, so their `model` dicts load unchanged.
 Model code is architecture plus loss: no backward, no distributed, no environment.
+
+The decoder predicts pixels (MAE) unless `pred_dim` says otherwise: then `forward` takes the
+targets (HOG, a teacher's tokens: mim.models.targets) and the loss to use. `global_dim` adds a
+small head on the encoder's cls token whose output `forward` compares with a global target.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mim.models.pos_embed import sincos_2d
+from mim.models.targets import cosine_loss, masked_loss
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -30,6 +35,8 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
+        pred_dim: int | None = None,
+        global_dim: int | None = None,
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -56,7 +63,11 @@ class MaskedAutoencoderViT(nn.Module):
             for _ in range(decoder_depth)
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, pred_dim or patch_size**2 * in_chans)
+        if global_dim is not None:  # the student's cls token -> the global target's space
+            self.global_head = nn.Sequential(
+                nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, global_dim)
+            )
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -167,11 +178,28 @@ class MaskedAutoencoderViT(nn.Module):
         return (per_patch * mask).sum() / mask.sum()
 
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float = 0.75,
+        noise: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+        loss: str = "mse",
+        global_target: torch.Tensor | None = None,
+        global_weight: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss, the prediction (N, L, pred_dim) and the mask (N, L; 1 = removed). `target`
+        (N, L, pred_dim): what to predict instead of the pixels, compared by `loss` at the masked
+        patches; `global_target` (N, global_dim): what the cls token's head predicts (cosine),
+        weighted by `global_weight`."""
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask
+        if target is None:
+            value = self.forward_loss(imgs, pred, mask)
+        else:
+            value = masked_loss(pred, target, mask, loss)
+        if global_target is not None:
+            value = value + global_weight * cosine_loss(self.global_head(latent[:, 0]), global_target)
+        return value, pred, mask
 
     def prediction_to_pixels(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """Predicted patches back in pixel space: with norm-pix loss, each patch is

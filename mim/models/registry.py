@@ -9,7 +9,10 @@ from typing import Any
 from mim.models.mae import MaskedAutoencoderViT
 
 _VARIANTS: dict[str, Callable[[], dict[str, Any]]] = {}
-ARCH_KEYS = tuple(inspect.signature(MaskedAutoencoderViT.__init__).parameters)[1:]
+OBJECTIVE_KEYS = ("pred_dim", "global_dim")  # set by the objective (target.*), not by the variant
+ARCH_KEYS = tuple(
+    k for k in inspect.signature(MaskedAutoencoderViT.__init__).parameters if k not in OBJECTIVE_KEYS
+)[1:]
 
 
 def register_model(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
