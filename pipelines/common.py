@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +35,10 @@ class HelpConfig(argparse.Action):
         self.stage = stage
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(console_page(self.stage))
+        try:
+            print(console_page(self.stage), flush=True)
+        except BrokenPipeError:  # `mim pretrain --help-config | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         parser.exit()
 
 

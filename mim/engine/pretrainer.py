@@ -206,11 +206,18 @@ class Pretrainer(Trainer):
     def check_resumable(self, meta: dict, path: Path) -> None:
         super().check_resumable(meta, path)
         theirs = meta.get("target", {"kind": "pixels", "loss": "mse", "global_weight": 0.0})
-        if theirs != self.objective.describe():
+        ours = self.objective.describe()
+        # The teacher is compared by its settings, not by where it was read from: a teacher run dir
+        # resolves to its newest checkpoint, which may have moved on since.
+        if {k: v for k, v in theirs.items() if k != "teacher"} != {
+            k: v for k, v in ours.items() if k != "teacher"
+        }:
             raise ConfigError(
-                f"cannot resume from {path}: it was trained for target {theirs}, this run's is "
-                f"{self.objective.describe()}; use a new run.dir or the same target.* settings"
+                f"cannot resume from {path}: it was trained for target {theirs}, this run's is {ours}; "
+                "use a new run.dir or the same target.* settings"
             )
+        if theirs.get("teacher") != ours.get("teacher"):
+            log.warning("the teacher is now %s (it was %s)", ours.get("teacher"), theirs.get("teacher"))
         if meta.get("model", {}).get("arch") != self.arch:
             raise ConfigError(
                 f"cannot resume from {path}: it holds model {meta.get('model')}, but this run's model is "

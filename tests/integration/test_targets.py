@@ -6,6 +6,7 @@ accumulation, and the frozen teacher never changes nor reaches the student's che
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -72,6 +73,16 @@ def teacher(tmp_path_factory, fmnist_shards):
 def test_each_target_lowers_its_loss_and_is_recorded(tmp_path, fmnist_shards, teacher, name, overrides):
     if "teacher" in name:
         overrides = [*overrides, f"target.teacher={teacher}"]
+    if name == "ema":  # with the kNN monitor on
+        overrides = [
+            *overrides,
+            f"monitor.bank={fmnist_shards['train']}",
+            f"monitor.val={fmnist_shards['val']}",
+            "monitor.every=8",
+            "monitor.bank_samples=200",
+            "monitor.val_samples=100",
+            "monitor.num_workers=0",
+        ]
     run = tmp_path / "run"
     result = pretrain(run, fmnist_shards["train"], "schedule.epochs=4", "optim.blr=2e-2", *overrides)
     curve = losses(run)
@@ -84,6 +95,11 @@ def test_each_target_lowers_its_loss_and_is_recorded(tmp_path, fmnist_shards, te
         assert meta["target"]["global_weight"] > 0 and any(k.startswith("global_head.") for k in final(run))
     if kind != "pixels":
         assert "predicts no pixels" in result.stderr
+    if name == "ema":
+        records = json.loads((run / "monitor.json").read_text())["evaluations"]
+        assert [r["step"] for r in records] == [0, 8, 16, 24, 32] and all(
+            0 < r["top1"] <= 100 for r in records
+        )
 
 
 def test_the_frozen_teacher_never_changes_and_never_reaches_the_checkpoint(tmp_path, fmnist_shards, teacher):
@@ -176,3 +192,41 @@ def test_bad_target_settings_exit_2_before_any_work(tmp_path, fmnist_shards, ove
     result = run_cli(*pretrain_args(tmp_path / "run", fmnist_shards["train"], *overrides))
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_fine_tuned_classifier_teaches_with_its_pooled_feature(tmp_path, fmnist_shards, teacher):
+    """A supervised teacher (fine-tuning's layout: fc_norm and a head) loads, head unused."""
+    classifier = tmp_path / "classifier"
+    tuned = run_cli(
+        "finetune",
+        "--config",
+        "finetune/debug",
+        f"init.from={teacher}",
+        f"data.train={fmnist_shards['train']}",
+        f"data.val={fmnist_shards['val']}",
+        f"run.dir={classifier}",
+        "schedule.epochs=1",
+        "data.num_workers=0",
+        *GREY,
+    )
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    run = tmp_path / "student"
+    pretrain(
+        run,
+        fmnist_shards["train"],
+        "target.kind=teacher",
+        f"target.teacher={classifier}",
+        "target.global_weight=1",
+    )
+    meta = checkpoint.read_meta(checkpoint.latest_checkpoint(run))
+    assert meta["target"]["teacher"].startswith("mim finetune checkpoint")
+    assert all(torch.isfinite(torch.tensor(losses(run))))
+
+
+def test_resuming_with_another_target_is_refused(tmp_path, fmnist_shards):
+    run = tmp_path / "run"
+    pretrain(run, fmnist_shards["train"], "run.stop_after=4")
+    listing = sorted(p.name for p in (run / "checkpoints").iterdir())
+    result = run_cli(*pretrain_args(run, fmnist_shards["train"], "target.kind=hog"))
+    assert result.returncode == 2 and "cannot resume from" in result.stderr and "target" in result.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == listing
