@@ -230,3 +230,24 @@ def test_resuming_with_another_target_is_refused(tmp_path, fmnist_shards):
     result = run_cli(*pretrain_args(run, fmnist_shards["train"], "target.kind=hog"))
     assert result.returncode == 2 and "cannot resume from" in result.stderr and "target" in result.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == listing
+
+
+def test_a_damaged_ema_teacher_sets_its_checkpoint_aside_and_the_run_resumes_from_the_one_before(
+    tmp_path, fmnist_shards
+):
+    common = ("target.kind=ema", "target.ema_decay=0.99", "run.checkpoint_every=4")
+    pretrain(tmp_path / "straight", fmnist_shards["train"], *common)
+    run = tmp_path / "run"
+    pretrain(run, fmnist_shards["train"], *common, "run.stop_after=8")
+    teacher_file = run / "checkpoints" / "step-00000008" / "teacher.safetensors"
+    data = bytearray(teacher_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    teacher_file.write_bytes(data)
+    result = pretrain(run, fmnist_shards["train"], *common)
+    assert "is damaged: " in result.stderr and "teacher.safetensors" in result.stderr.split("is damaged: ")[1]
+    assert "step-00000004 at step 4" in result.stderr
+    assert len(list((run / "checkpoints").glob("damaged-step-00000008-*"))) == 1
+    assert_equal_states(final(tmp_path / "straight"), final(run))
+    assert_equal_states(
+        final(tmp_path / "straight", "teacher.safetensors"), final(run, "teacher.safetensors")
+    )
