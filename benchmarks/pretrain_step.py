@@ -12,7 +12,7 @@ the reference is what the official MAE code runs on a cluster: torch Distributed
 last micro-batch of an accumulated step) with the same fused AdamW. Each rank takes its own
 input; img/s counts every rank's images. `0-deepspeed` is stage 0 with DeepSpeed's own gradient
 all-reduce (after backward, flattened) instead of mim's overlapped one, to show what that costs.
-At stages 1 and 2 ZeRO takes over the parameters' storage and hooks, so the reference runs on a
+At stages 1 to 3 ZeRO takes over the parameters' storage and hooks, so the reference runs on a
 copy of the model made before the engine (same weights, same architecture).
 
 mim's step is the one every training stage runs (mim.engine.step.StepRunner on the DeepSpeed
@@ -84,7 +84,7 @@ def parse() -> argparse.Namespace:
         "--zero-stage",
         nargs="+",
         default=["auto"],
-        choices=["auto", "0", "0-deepspeed", "1", "2"],
+        choices=["auto", "0", "0-deepspeed", "1", "2", "3"],
         help="as deepspeed.zero_stage; 0-deepspeed: stage 0 with DeepSpeed's all-reduce",
     )
     parser.add_argument("--accum", nargs="+", type=int, default=[1], help="micro-batches per step")
@@ -94,7 +94,7 @@ def parse() -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a DeepSpeed zero_optimization option for stages 1 and 2 (JSON value), e.g. overlap_comm=true",
+        help="a DeepSpeed zero_optimization option for stages 1 to 3 (JSON value), e.g. overlap_comm=true",
     )
     parser.add_argument(
         "--compile",
@@ -167,7 +167,7 @@ def matmul_peak_tflops(device: torch.device) -> float:
 
 class Bench:
     """One model, one input per rank; the reference loop and mim's engine step over the same
-    parameters (a copy made before the engine at ZeRO stages 1 and 2: see the top)."""
+    parameters (a copy made before the engine at ZeRO stages 1 to 3: see the top)."""
 
     def __init__(
         self, name: str, batch: int, accum: int, stage: str, args: argparse.Namespace, device: torch.device

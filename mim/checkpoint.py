@@ -2,7 +2,8 @@
 (restore a resume, weights for the other stages), consolidate and prune; the stages ask it.
 
     RUN_DIR/checkpoints/step-00001000/      one complete checkpoint
-        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files (engine.save_checkpoint)
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files (engine.save_checkpoint;
+                                                 at ZeRO 3 one *model_states.pt per rank)
         rank-00000.pt                            per-rank RNG states and data-stream positions
         model.safetensors                        the model's weights in fp32 (official MAE names)
         NAME.safetensors                         state every rank shares that is not the model's
@@ -42,6 +43,7 @@ import torch
 import xxhash
 from safetensors.torch import load_file, save_file
 
+from mim.engine.deepspeed_engine import full_state_dict
 from mim.errors import TrainingStopped, UserInputError
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ META_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's (weights at stage 0 also the optimizer)
-_ZERO_SHARD = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # DeepSpeed's, ZeRO 1/2
+PARTITIONED_MODEL_STATES_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # DeepSpeed's at ZeRO 3
+_ZERO_SHARD = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # DeepSpeed's, ZeRO 1-3
 ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
 CHECKSUM = (
     "xxh3_128"  # ~17 GB/s on one core: a few % of a checkpoint's write time (benchmarks/checkpoint_io.py)
@@ -378,10 +381,8 @@ def save(
         with _summing(engine, sums):
             engine.save_checkpoint(str(root), tag=temporary.name, save_latest=False)
         sums.update(save_rank_state(temporary, rank, rank_state))
+        weights = full_state_dict(engine, rank)  # every rank: at ZeRO 3 it gathers the partitions
         if rank == 0:
-            weights = {
-                k: v.detach().float().cpu().contiguous() for k, v in engine.module.state_dict().items()
-            }
             save_file(weights, str(temporary / WEIGHTS_FILE))  # 10x faster than safetensors' bytes + write
             sums[WEIGHTS_FILE] = _file_entry(temporary / WEIGHTS_FILE)  # read back from the page cache
             for name, tensors in (shared or {}).items():
@@ -491,4 +492,8 @@ def optimizer_state(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
     processes (mim.engine.portable), from DeepSpeed's files (verified on resume)."""
     from mim.engine import portable
 
-    return portable.optimizer_state(Path(checkpoint) / MODEL_STATES_FILE, zero_shards(checkpoint))
+    checkpoint = Path(checkpoint)
+    states = checkpoint / MODEL_STATES_FILE
+    if not states.is_file():
+        states = checkpoint / PARTITIONED_MODEL_STATES_FILE
+    return portable.optimizer_state(states, zero_shards(checkpoint))

@@ -142,6 +142,13 @@ class EncoderGeometry:
     depth: int | None = key(None, "encoder blocks; null: the variant's (or the backbone's)", bounds=">= 1")
     num_heads: int | None = key(None, "encoder attention heads; null: the variant's", bounds=">= 1")
     mlp_ratio: float | None = key(None, "MLP hidden width / embed_dim; null: the variant's", bounds="> 0")
+    grad_checkpointing: int = key(
+        0,
+        "activation checkpointing: recompute every k-th block in backward (1: every block, of the "
+        "encoder and the decoder); 0: off",
+        bounds=">= 0",
+        stages=(PRETRAIN, FINETUNE),
+    )
 
 
 @dataclass
@@ -256,8 +263,8 @@ class ScheduleConfig:
 class DeepSpeedConfig:
     zero_stage: int | str = key(
         "auto",
-        "ZeRO stage; auto: the lowest whose model states fit half the device memory",
-        choices=(0, 1, 2, "auto"),
+        "ZeRO stage (3: the weights partitioned too); auto: the lowest whose model states fit half the device memory",
+        choices=(0, 1, 2, 3, "auto"),
         per_stage={LINPROBE: 0},
     )
     precision: str = key(

@@ -12,6 +12,7 @@ from mim.config import SCHEMAS, ClassifyConfig, load_config
 from mim.data.streams import ViewSpec
 from mim.engine.classifier import CachedFeatureProbe, ClassifierTrainer
 from mim.engine.optim import param_groups
+from mim.models.checkpointing import checkpoint_blocks
 from mim.models.classifier import build_finetune_vit, build_linear_probe
 from mim.recipe import ClassifyInputs, check_classify
 from pipelines.common import config_parser, started_run
@@ -47,6 +48,7 @@ def finetune_model(config: ClassifyConfig, inputs: ClassifyInputs):
     model, report = build_finetune_vit(
         inputs.arch, inputs.weights, inputs.num_classes, config.model.global_pool, config.model.drop_path
     )
+    checkpoint_blocks(model.blocks, config.model.grad_checkpointing)
     groups = param_groups(model, config.optim.weight_decay, config.optim.layer_decay, inputs.arch["depth"])
     return model, groups, report
 

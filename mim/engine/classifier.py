@@ -82,8 +82,12 @@ class ClassifierTrainer(Trainer):
 
     # ------------------------------------------------------------------ evaluation
 
-    def logits_of(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.engine(self.normalize(images))
+    def logits_of(self, images: torch.Tensor, model=None) -> torch.Tensor:
+        if model is None or model is self.engine.module:
+            logits = self.engine(self.normalize(images))
+        else:  # a gathered copy (ZeRO 3): the engine's autocast, by hand
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+                logits = model(self.normalize(images))
         return logits if self.stage == "linprobe" else logits.unsqueeze(0)
 
     def after_step(self) -> None:
@@ -93,16 +97,20 @@ class ClassifierTrainer(Trainer):
     def evaluate_now(self) -> dict:
         self.engine.eval()
         spec = eval_spec(self.view_spec)
-        result = evaluate(
-            self.logits_of,
-            self.val_shards,
-            spec,
-            self.env,
-            self.device,
-            self.config.data.batch_size,
-            self.config.data.num_workers,
-            self.config.eval.crop_fraction,
-        )
+        # Ranks read different numbers of batches: at ZeRO 3, whose forward gathers with the other
+        # ranks, each evaluates a whole copy.
+        with self.unsharded() as model:
+            model.eval()
+            result = evaluate(
+                lambda images: self.logits_of(images, model),
+                self.val_shards,
+                spec,
+                self.env,
+                self.device,
+                self.config.data.batch_size,
+                self.config.data.num_workers,
+                self.config.eval.crop_fraction,
+            )
         self.engine.train()
         return self.record_evaluation(result)
 
@@ -180,8 +188,7 @@ class CachedFeatureProbe(ClassifierTrainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        module = self.engine.module
-        extract = lambda shards: extract_features(  # noqa: E731
+        extract = lambda module, shards: extract_features(  # noqa: E731
             lambda images: module.features(self.normalize(images)),
             shards,
             eval_spec(self.view_spec),
@@ -194,11 +201,11 @@ class CachedFeatureProbe(ClassifierTrainer):
             gather=False,
         )
         started = time.monotonic()
-        module.eval()
-        with torch.no_grad():
-            self.train_features, self.train_labels = extract(self.shards)
-            self.val_features, self.val_labels = extract(self.val_shards)
-        module.takes_features = True
+        with torch.no_grad(), self.unsharded() as module:
+            module.eval()
+            self.train_features, self.train_labels = extract(module, self.shards)
+            self.val_features, self.val_labels = extract(module, self.val_shards)
+        self.engine.module.takes_features = True
         log.info(
             "cached features of %d training and %d validation samples (this rank) in %.0f s",
             len(self.train_labels),

@@ -7,7 +7,8 @@ over a plain PyTorch loop (benchmarks/pretrain_step.py measures the two side by 
 - `zero_stage: auto` is the lowest stage whose model states (fp32 weights, gradients, optimizer
   state) fit in half the device's memory (`choose_zero_stage`): stage 0 for every registered
   model up to ViT-H on a 40 GB GPU, since partitioning what fits buys nothing and costs a
-  per-step tax. At stage 0 on several processes mim averages the gradients during backward
+  per-step tax; stage 3 (the weights partitioned too, gathered block by block in forward and
+  backward) only where stage 2 does not fit. At stage 0 on several processes mim averages the gradients during backward
   (engine.grad_sync); on one process there is nothing to average and no all-reduce runs.
 - DeepSpeed's throughput timer, which synchronises the device twice a step, is off; mim measures
   its own rate at log steps.
@@ -32,7 +33,7 @@ class EngineSettings:
     micro_batch_size: int
     accum_steps: int
     world_size: int
-    zero_stage: int | str  # 0 | 1 | 2 | auto
+    zero_stage: int | str  # 0 | 1 | 2 | 3 | auto
     precision: str  # auto | bf16 | fp16 | fp32
     grad_clip: float | None
     betas: tuple[float, float] = (0.9, 0.95)
@@ -62,14 +63,16 @@ MODEL_STATE_SHARE = 0.5  # of device memory for weights, gradients and optimizer
 def model_state_bytes(num_params: int, world_size: int, stage: int, optimizer: str = "adamw") -> float:
     """Per process: fp32 weights (4 bytes a parameter), fp32 gradients (4) and optimizer state
     (AdamW's two moments 8, LARS's momentum 4); stage 1 partitions the optimizer state over the
-    processes, stage 2 the gradients too (DeepSpeed keeps an fp32 copy of the partitioned
-    weights at stages 1 and 2: counted in the optimizer state's share)."""
+    processes, stage 2 the gradients too, stage 3 the weights too (DeepSpeed keeps an fp32 copy
+    of the partitioned weights at stages 1 to 3: counted in the optimizer state's share)."""
     optimizer_bytes = 8 if optimizer == "adamw" else 4
     if stage == 0:
         return num_params * (4 + 4 + optimizer_bytes)
     if stage == 1:
         return num_params * (4 + 4 + (4 + optimizer_bytes) / world_size)
-    return num_params * (4 + (4 + 4 + optimizer_bytes) / world_size)
+    if stage == 2:
+        return num_params * (4 + (4 + 4 + optimizer_bytes) / world_size)
+    return num_params * (4 + 4 + 4 + optimizer_bytes) / world_size
 
 
 def device_memory_bytes() -> int:
@@ -82,14 +85,14 @@ def device_memory_bytes() -> int:
 
 def choose_zero_stage(num_params: int, world_size: int, device_memory: int, optimizer: str = "adamw") -> int:
     """The lowest ZeRO stage whose model states fit in MODEL_STATE_SHARE of the device memory;
-    2 where none does (with one process there is nothing to partition: 0)."""
+    3 where none does (with one process there is nothing to partition: 0)."""
     if world_size == 1:
         return 0
     budget = MODEL_STATE_SHARE * device_memory
-    for stage in (0, 1):
+    for stage in (0, 1, 2):
         if model_state_bytes(num_params, world_size, stage, optimizer) <= budget:
             return stage
-    return 2
+    return 3
 
 
 def resolve_zero_stage(
@@ -128,7 +131,7 @@ def deepspeed_config(settings: EngineSettings) -> dict:
         "train_micro_batch_size_per_gpu": settings.micro_batch_size,
         "gradient_accumulation_steps": settings.accum_steps,
         "train_batch_size": settings.micro_batch_size * settings.accum_steps * settings.world_size,
-        "zero_optimization": zero_optimization(zero_stage, settings.zero_options),
+        "zero_optimization": zero_optimization(zero_stage, settings.zero_options, settings.num_params),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,  # mim logs by itself
         "wall_clock_breakdown": False,
@@ -145,16 +148,24 @@ def deepspeed_config(settings: EngineSettings) -> dict:
     return config
 
 
-def zero_optimization(stage: int, options: tuple[tuple[str, object], ...] = ()) -> dict:
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size default, in values
+
+
+def zero_optimization(stage: int, options: tuple[tuple[str, object], ...] = (), num_params: int = 0) -> dict:
     """DeepSpeed's ZeRO section. Stage 1 keeps whole gradients in each parameter's .grad, so
     DeepSpeed's contiguous_gradients buys no memory there; it only adds a Python hook per
     parameter on every backward (README: Speed, `--zero-option contiguous_gradients=false`).
     Stage 2 keeps it (DeepSpeed's default): it keeps partitioned gradients from fragmenting GPU
     memory in the large models that auto sends there. The gradient norm is switched per step by
-    StepRunner."""
+    StepRunner. Stage 3 keeps DeepSpeed's prefetching and its persistence threshold (tensors of
+    fewer than 100k values, norms and biases, stay whole on every process). At stages 2 and 3
+    DeepSpeed allocates its gradient-reduction bucket whole, 5e8 values by default (2 GB in
+    fp32): mim sizes it to the model where the model is smaller (`num_params`, 0: DeepSpeed's)."""
     section: dict = {"stage": stage}
     if stage == 1:
         section["contiguous_gradients"] = False
+    if stage >= 2 and num_params:
+        section["reduce_bucket_size"] = min(REDUCE_BUCKET, num_params)
     if stage > 0:
         section.update(options)
     return section
@@ -195,6 +206,62 @@ def _grads_to_none(parameters: list[nn.Parameter]):
             parameter.grad = None
 
     return zero_grad
+
+
+def is_partitioned(engine) -> bool:
+    """ZeRO stage 3: each process holds a slice of every large parameter, not the parameter."""
+    return engine.zero_optimization_stage() == 3
+
+
+def full_state_dict(engine, rank: int, device: torch.device | str = "cpu", everywhere: bool = False):
+    """The module's state dict with whole fp32 tensors on `device`: on rank 0 only (None elsewhere),
+    or on every rank with `everywhere`. Every rank calls it: at stage 3 each parameter is gathered
+    from its partitions in turn (one parameter's whole size at a time on the accelerator)."""
+    module = engine.module
+    wanted = everywhere or rank == 0
+    if not is_partitioned(engine):
+        if not wanted:
+            return None
+        return {k: v.detach().float().to(device).contiguous() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    parameters = dict(module.named_parameters())
+    state = {}
+    for name, value in module.state_dict(keep_vars=True).items():
+        if name not in parameters:  # buffers are never partitioned
+            if wanted:
+                state[name] = value.detach().float().to(device).contiguous()
+            continue
+        with deepspeed.zero.GatheredParameters([parameters[name]]):
+            if wanted:
+                state[name] = parameters[name].detach().float().to(device).clone()
+    return state if wanted else None
+
+
+def skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model` on the meta device (no memory): what `materialize` fills with weights."""
+    import copy
+
+    memo = {
+        id(tensor): (
+            nn.Parameter(torch.empty_like(tensor, device="meta"), requires_grad=tensor.requires_grad)
+            if isinstance(tensor, nn.Parameter)
+            else torch.empty_like(tensor, device="meta")
+        )
+        for tensor in (*model.parameters(), *model.buffers())
+    }
+    return copy.deepcopy(model, memo)
+
+
+def materialize(frame: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """A plain module of `frame`'s structure (a `skeleton`) holding `state`, on `device`."""
+    import copy
+
+    module = copy.deepcopy(frame)
+    module.load_state_dict(state, strict=True, assign=True)
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module.to(device)
 
 
 def engine_param_groups(engine) -> list[dict]:

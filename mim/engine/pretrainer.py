@@ -21,6 +21,7 @@ from mim.engine.objective import TEACHER_STATE, Objective
 from mim.engine.optim import param_groups
 from mim.engine.trainer import Outcome, Trainer
 from mim.models.backbone import Weights
+from mim.models.checkpointing import checkpoint_blocks
 from mim.models.mae import MaskedAutoencoderViT
 from mim.runtime import StopSignal
 from mim.visualize import attention_grid, reconstruction_grid
@@ -81,7 +82,10 @@ class Pretrainer(Trainer):
             model = MaskedAutoencoderViT(
                 **arch, pred_dim=self.objective.pred_dim, global_dim=self.objective.global_dim
             )
+        for blocks in (model.blocks, model.decoder_blocks):
+            checkpoint_blocks(blocks, config.model.grad_checkpointing)
         self.arch = arch
+        self.init_weights, self.init = init_weights, None
         super().__init__(
             config,
             shards,
@@ -92,9 +96,11 @@ class Pretrainer(Trainer):
             pretrain_view_spec(arch, config),
             stop,
         )
-        self.init = None
-        if init_weights is not None and self.resume_from is None:
-            self.init = initialize_from(self.engine.module, init_weights)
+        if self.objective.kind == "ema" and self.engine_settings.resolved_zero_stage == 3:
+            raise ConfigError(
+                "target.kind=ema follows the student's weights, which ZeRO stage 3 partitions: "
+                "use deepspeed.zero_stage 0, 1 or 2, or target.kind=teacher with a frozen teacher"
+            )
         self.objective.attach(self.engine.module)  # the EMA teacher starts from these weights
         self.monitor = (
             KnnMonitor(
@@ -115,8 +121,13 @@ class Pretrainer(Trainer):
                 "target.kind=%s predicts no pixels: TensorBoard gets attention maps, no reconstructions",
                 self.objective.kind,
             )
+        self.draws = bool(config.log.tensorboard and config.log.recon_every)  # alike on every rank
         wants_fixed = self.writer is not None and (config.log.recon_every or self.init is not None)
         self.fixed = self.fixed_images() if wants_fixed else None
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        if self.init_weights is not None and self.resume_from is None:
+            self.init = initialize_from(model, self.init_weights)
 
     def forward_loss(self, images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
         generator = torch.Generator(device=self.device).manual_seed(
@@ -129,8 +140,11 @@ class Pretrainer(Trainer):
         return loss
 
     def run(self) -> Outcome:
-        if self.init is not None and self.env.is_main and self.fixed is not None:
-            self.init["loss_at_step0"] = self.fixed_batch_loss()
+        if self.init is not None:
+            with self.unsharded() as module:
+                loss = self.fixed_batch_loss(module) if self.fixed is not None else None
+        if self.init is not None and loss is not None:
+            self.init["loss_at_step0"] = loss
             log.info(
                 "initialised from %s: loaded %d tensors, new %s; loss at step 0: %.6f",
                 self.init["source"],
@@ -141,9 +155,8 @@ class Pretrainer(Trainer):
             self.scalar("train/loss_at_init", self.init["loss_at_step0"])
         return super().run()
 
-    def fixed_batch_loss(self) -> float:
+    def fixed_batch_loss(self, module: MaskedAutoencoderViT) -> float:
         """The loss of the fixed image batch under masks from a generator seeded with run.seed."""
-        module = self.engine.module
         was_training = module.training
         module.eval()
         with torch.no_grad():
@@ -162,9 +175,10 @@ class Pretrainer(Trainer):
                 self.evaluate_monitor()
 
     def evaluate_monitor(self) -> None:
-        record = self.monitor.evaluate(
-            self.engine.module, self.normalize, self.step, self.step * self.plan.effective_batch
-        )
+        with self.unsharded() as module:
+            record = self.monitor.evaluate(
+                module, self.normalize, self.step, self.step * self.plan.effective_batch
+            )
         for name in ("top1", "top5"):
             self.scalar(f"monitor/knn_{name}", record[name])
         self.scalar("monitor/seconds", record["seconds"])
@@ -175,16 +189,17 @@ class Pretrainer(Trainer):
         self.objective.after_step(self.step, self.plan.total_steps)
         if self.monitor is not None and self.monitor.due(self.step, self.plan.total_steps):
             self.evaluate_monitor()
-        if (
-            self.fixed is not None
-            and self.config.log.recon_every
-            and self.step % self.config.log.recon_every == 0
-        ):
-            model, mean, std = self.engine.module, self.config.data.mean, self.config.data.std
-            if self.reconstructs:
-                grid = reconstruction_grid(model, self.fixed, mean, std, self.config.model.mask_ratio)
-                self.writer.add_image("reconstructions", grid, self.step)
-            self.writer.add_image("attention", attention_grid(model, self.fixed, mean, std), self.step)
+        if self.draws and self.step % self.config.log.recon_every == 0:
+            with self.unsharded() as model:  # every rank: at ZeRO 3 the weights are gathered
+                if self.fixed is not None:
+                    self.draw(model)
+
+    def draw(self, model: MaskedAutoencoderViT) -> None:
+        mean, std = self.config.data.mean, self.config.data.std
+        if self.reconstructs:
+            grid = reconstruction_grid(model, self.fixed, mean, std, self.config.model.mask_ratio)
+            self.writer.add_image("reconstructions", grid, self.step)
+        self.writer.add_image("attention", attention_grid(model, self.fixed, mean, std), self.step)
 
     def meta(self) -> dict:
         return dict(

@@ -5,7 +5,7 @@ backward: engine.grad_sync), the gradient norm (and, at ZeRO stage 0, the clippi
 
 The step's health is recorded on the device from values the step computes anyway: the loss on
 every step, the gradient norm where it is computed (where it clips, and on the steps that are
-logged: by mim at stage 0, by ZeRO at stages 1 and 2). Nothing here waits for the device. The
+logged: by mim at stage 0, by ZeRO at stages 1 to 3). Nothing here waits for the device. The
 trainer reads the health at log and checkpoint steps, and checks the weights before a checkpoint
 (a non-finite gradient between logged steps leaves non-finite weights), so a bad step never
 reaches a checkpoint.
@@ -99,4 +99,6 @@ class StepRunner:
 
     def weights_are_finite(self) -> bool:
         """One pass over the weights (waits for the device): for checkpoint steps only."""
-        return bool(torch.stack([p.detach().isfinite().all() for p in self.parameters]).all())
+        # At ZeRO 3 a parameter's own values are its partition (ds_tensor).
+        held = [getattr(p, "ds_tensor", p).detach() for p in self.parameters]
+        return bool(torch.stack([t.isfinite().all() for t in held]).all())

@@ -9,7 +9,9 @@ checkpoints (`meta`). Host syncs (.item()) happen only at log steps and checkpoi
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,12 @@ from mim.engine.deepspeed_engine import (
     build_engine,
     engine_description,
     engine_param_groups,
+    full_state_dict,
     input_dtype,
+    is_partitioned,
+    materialize,
     resolve_precision,
+    skeleton,
 )
 from mim.engine.schedule import warmup_cosine
 from mim.engine.step import StepRunner
@@ -101,6 +107,9 @@ class Trainer:
             config.deepspeed.zero_stage,
             env.world_size,
         )
+        self.prepare_model(model)
+        # At ZeRO 3 the engine's module holds slices; evaluation and pictures get a whole copy.
+        self.frame = skeleton(model) if self.engine_settings.resolved_zero_stage == 3 else None
         self.engine = build_engine(model, groups, self.engine_settings)
         self.runner = StepRunner(self.engine, self.engine_settings, device)
         self.nodes = gather_objects(env.node)  # each rank's node, for meta.json
@@ -117,6 +126,27 @@ class Trainer:
 
     def forward_loss(self, images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Called once the resume point is known, before DeepSpeed takes (and at ZeRO 3 partitions)
+        the model: what a stage loads into its fresh weights."""
+
+    @contextlib.contextmanager
+    def unsharded(self) -> Iterator[nn.Module]:
+        """The model with whole weights, for evaluation and pictures (no gradients): the engine's
+        module at ZeRO 0-2; at stage 3 a plain copy gathered from the partitions, freed after.
+        Every rank enters it."""
+        if not is_partitioned(self.engine):
+            yield self.engine.module
+            return
+        state = full_state_dict(self.engine, self.env.rank, self.device, everywhere=True)
+        module = materialize(self.frame, state, self.device)
+        del state
+        module.train(self.engine.module.training)
+        try:
+            yield module
+        finally:
+            del module
 
     def before_loop(self) -> None:
         """Called on every rank once the run is loaded or resumed, before the first step."""
@@ -461,6 +491,10 @@ class Trainer:
             reason = self.stopped_waiting(f"a collective failed after the stop signal ({error})", None)
         if self.writer is not None:
             self.writer.flush()
+        if is_partitioned(self.engine):
+            # ZeRO 3's hooks and prefetching hold collectives of their own: released before the
+            # process group goes (each rank, once the last checkpoint is written).
+            self.engine.destroy()
         return Outcome(self.step, plan.total_steps, reason, last_loss)
 
     def stopped_waiting(self, why: str, last_loss: float | None) -> str:

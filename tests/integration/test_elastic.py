@@ -1,6 +1,6 @@
 """A run moved to another number of processes or another ZeRO stage, with real DeepSpeed engines:
-the AdamW moments land exactly where they were (every parameter, every stage, from shards written
-by 2 ranks), a stage change on the same processes ends bit-identical to the run that never moved,
+the AdamW moments land exactly where they were (every parameter, stages 0 to 3 to stages 0 to 3,
+from shards written by 2 ranks), a stage change on the same processes ends bit-identical to the run that never moved,
 2 -> 1 and 1 -> 2 processes keep the effective batch and finish the planned steps, and a process
 count the effective batch does not divide over is refused (exit 2) naming ones that work."""
 
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from mim import checkpoint
 from mim.distributed import init_distributed, read_dist_env
 from mim.engine import portable
-from mim.engine.deepspeed_engine import EngineSettings, build_engine
+from mim.engine.deepspeed_engine import EngineSettings, build_engine, full_state_dict
 from mim.engine.optim import param_groups
 from mim.models import create_model
 from tests.conftest import GREY, run_cli, run_cli_ranks
@@ -43,7 +43,7 @@ def two_rank_runs(tmp_path_factory, fmnist_shards):
     """stage -> a run written by 2 ranks at that ZeRO stage, stopped at step 8 of 16 (effective
     batch 16: 4 steps per epoch)."""
     root, runs = tmp_path_factory.mktemp("elastic"), {}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         result = pretrain(
             2,
             root / f"zero{stage}",
@@ -61,8 +61,10 @@ def process_group():
     return init_distributed(read_dist_env({}))
 
 
-@pytest.mark.parametrize("written", [0, 1, 2], ids=["from-zero0", "from-zero1", "from-zero2"])
-@pytest.mark.parametrize("stage", [0, 1, 2], ids=["to-zero0", "to-zero1", "to-zero2"])
+@pytest.mark.parametrize(
+    "written", [0, 1, 2, 3], ids=["from-zero0", "from-zero1", "from-zero2", "from-zero3"]
+)
+@pytest.mark.parametrize("stage", [0, 1, 2, 3], ids=["to-zero0", "to-zero1", "to-zero2", "to-zero3"])
 def test_the_adamw_moments_land_exactly_on_one_process_at_any_stage(
     two_rank_runs, process_group, written, stage
 ):
@@ -87,18 +89,27 @@ def test_the_adamw_moments_land_exactly_on_one_process_at_any_stage(
             assert torch.equal(got, moved[name][key]), (name, key)
         master = parameter if stage == 0 else safe_get_full_fp32_param(parameter)
         assert torch.equal(master.detach(), weights[name]), name
+    held = full_state_dict(engine, 0)  # what forward uses (at stage 3: the slices, gathered)
+    assert all(torch.equal(held[name], weights[name]) for name in weights)
 
 
-def test_a_zero_stage_change_on_the_same_processes_ends_bit_identical(tmp_path, two_rank_runs, fmnist_shards):
-    uninterrupted = pretrain(2, tmp_path / "uninterrupted", fmnist_shards["train"], "deepspeed.zero_stage=1")
+@pytest.mark.parametrize(
+    ("written", "stage"), [(1, 2), (3, 0), (0, 3)], ids=["zero1-to-zero2", "zero3-to-zero0", "zero0-to-zero3"]
+)
+def test_a_zero_stage_change_on_the_same_processes_ends_bit_identical(
+    tmp_path, two_rank_runs, fmnist_shards, written, stage
+):
+    uninterrupted = pretrain(
+        2, tmp_path / "uninterrupted", fmnist_shards["train"], f"deepspeed.zero_stage={written}"
+    )
     finished(uninterrupted, tmp_path / "uninterrupted", 16)
     moved_dir = tmp_path / "moved"
-    for source in checkpoint.complete_checkpoints(two_rank_runs[1]):
+    for source in checkpoint.complete_checkpoints(two_rank_runs[written]):
         (moved_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         shutil.copytree(source, moved_dir / "checkpoints" / source.name)
-    moved = pretrain(2, moved_dir, fmnist_shards["train"], "deepspeed.zero_stage=2")
+    moved = pretrain(2, moved_dir, fmnist_shards["train"], f"deepspeed.zero_stage={stage}")
     finished(moved, moved_dir, 16)
-    assert "from ZeRO stage 1 on 2 process(es) to stage 2 on 2" in moved.stderr
+    assert f"from ZeRO stage {written} on 2 process(es) to stage {stage} on 2" in moved.stderr
     expected = load_file(
         str(checkpoint.latest_checkpoint(tmp_path / "uninterrupted") / checkpoint.WEIGHTS_FILE)
     )
@@ -106,7 +117,7 @@ def test_a_zero_stage_change_on_the_same_processes_ends_bit_identical(tmp_path, 
     assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
-@pytest.mark.parametrize("written", [0, 1, 2], ids=["zero0", "zero1", "zero2"])
+@pytest.mark.parametrize("written", [0, 1, 2, 3], ids=["zero0", "zero1", "zero2", "zero3"])
 def test_two_processes_to_one_keeps_the_effective_batch_and_finishes_the_plan(
     tmp_path, two_rank_runs, fmnist_shards, written
 ):
@@ -124,7 +135,7 @@ def test_two_processes_to_one_keeps_the_effective_batch_and_finishes_the_plan(
     assert (moved in result.stderr) == (written != 0)  # stage 0's files load as they are
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2], ids=["zero0", "zero1", "zero2"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3], ids=["zero0", "zero1", "zero2", "zero3"])
 def test_one_process_to_two_and_a_count_that_does_not_divide(tmp_path, fmnist_shards, stage):
     run_dir, zero = tmp_path / "run", f"deepspeed.zero_stage={stage}"
     written = pretrain(1, run_dir, fmnist_shards["train"], zero, "run.stop_after=8")

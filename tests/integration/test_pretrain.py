@@ -88,7 +88,7 @@ def test_auto_keeps_the_runs_zero_stage_and_another_stage_moves_the_run(tmp_path
     assert meta["engine"]["zero_stage"] == 0 and meta["step"] == 16
 
 
-def _data_parallel(out, nproc, zero_stage, accum=1, compile_model=False):
+def _data_parallel(out, nproc, zero_stage, accum=1, compile_model=False, checkpoint_every=0):
     result = torchrun(
         nproc,
         str(REPO / "tests/helpers/data_parallel_steps.py"),
@@ -96,15 +96,17 @@ def _data_parallel(out, nproc, zero_stage, accum=1, compile_model=False):
         str(zero_stage),
         str(accum),
         "compile" if compile_model else "eager",
+        str(checkpoint_every),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(str(out))
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, zero_stage):
     """Stage 0 on one rank skips the all-reduce and clips in mim; on two mim's GradientSync
-    averages during backward, on the last micro-batch only when accumulating."""
+    averages during backward, on the last micro-batch only when accumulating. Stage 3 partitions
+    the weights too and gathers them block by block."""
     one = _data_parallel(tmp_path / "one.safetensors", 1, zero_stage)
     two = _data_parallel(tmp_path / "two.safetensors", 2, zero_stage)
     accumulated = _data_parallel(tmp_path / "accum.safetensors", 1, zero_stage, accum=2)
@@ -115,7 +117,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, zero_stag
             assert torch.allclose(expected, got, rtol=1e-5, atol=1e-6), key
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_compiled_model_on_two_ranks_matches_eager_on_one(tmp_path, zero_stage):
     """torch.compile (inductor on the CPU) under ZeRO 0/1/2 with 2 gloo ranks (at stage 0 mim's
     gradient hooks sit on the compiled model's parameters): same weights as the eager one-rank
@@ -126,6 +128,17 @@ def test_compiled_model_on_two_ranks_matches_eager_on_one(tmp_path, zero_stage):
     for key in eager:
         expected, got = without_key_bias(key, eager[key]), without_key_bias(key, compiled[key])
         assert torch.allclose(expected, got, rtol=1e-4, atol=1e-5), key
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_activation_checkpointing_leaves_the_weights_bit_identical(tmp_path, zero_stage):
+    """Every block and every other block recomputed in backward (2 ranks, clipping, 4 steps):
+    the same weights to the bit as without, since the recomputed forward is the forward."""
+    plain = _data_parallel(tmp_path / "plain.safetensors", 2, zero_stage)
+    for every in (1, 2):
+        got = _data_parallel(tmp_path / f"every{every}.safetensors", 2, zero_stage, checkpoint_every=every)
+        assert got.keys() == plain.keys()
+        assert all(torch.equal(got[key], plain[key]) for key in plain), every
 
 
 def test_compiled_run_resumes_bit_identically(tmp_path, fmnist_shards):

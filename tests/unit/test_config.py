@@ -106,7 +106,7 @@ def _checked(tmp_path, *overrides, shards=None):
         ("model.num_heads=3", "not divisible by model.num_heads"),
         ("data.crop_scale=[0.5, 0.2]", "crop_scale"),
         ("schedule.warmup_epochs=900", "warmup_epochs"),
-        ("deepspeed.zero_stage=3", "'deepspeed.zero_stage' must be one of 0, 1, 2, auto, got 3"),
+        ("deepspeed.zero_stage=4", "'deepspeed.zero_stage' must be one of 0, 1, 2, 3, auto, got 4"),
         ("deepspeed.zero_stage=[1]", "zero_stage"),
         ("deepspeed.precision=fp8", "precision"),
         (
@@ -170,7 +170,7 @@ GB = 10**9
         (632_000_000, 1, 8 * GB, 0),  # one process: nothing to partition
         (2_600_000_000, 8, 80 * GB, 1),  # 41.6 GB at stage 0, 24.7 GB at stage 1
         (7_000_000_000, 64, 80 * GB, 2),  # 57.3 GB at stage 1, 29.8 GB at stage 2
-        (7_000_000_000, 2, 80 * GB, 2),  # fits nowhere: the most that exists
+        (7_000_000_000, 2, 80 * GB, 3),  # 84 GB at stage 2: stage 3 (70 GB), which fits nowhere either
     ],
 )
 def test_zero_stage_auto_is_the_lowest_stage_whose_model_states_fit(
@@ -189,4 +189,5 @@ def test_model_state_bytes_per_stage():
     assert model_state_bytes(10, 2, 0) == 160  # 4 + 4 + 8 bytes a parameter
     assert model_state_bytes(10, 2, 1) == 80 + 60  # weights and gradients whole; fp32 copy + moments halved
     assert model_state_bytes(10, 2, 2) == 40 + 80
+    assert model_state_bytes(10, 2, 3) == 100  # everything partitioned: (4 + 4 + 4 + 8) / 2
     assert model_state_bytes(10, 2, 0, "lars") == 120
