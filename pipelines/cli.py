@@ -16,6 +16,7 @@ STAGES = {
     "visualize": "reconstruction pictures from a pretraining checkpoint",
     "demo": "the whole chain on CPU on Fashion-MNIST, with a results table and pictures",
     "configs": "list the recipe configs that --config takes by name",
+    "plan": "the memory one process of a pretraining run holds, and the largest micro-batch that fits",
 }
 
 

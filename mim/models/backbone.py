@@ -26,13 +26,17 @@ from mim.errors import UserInputError
 
 log = logging.getLogger(__name__)
 ENCODER_DROP_PREFIXES = ("decoder_", "mask_token", "global_head")  # pretraining-only parts
-HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16}
+HEADS_BY_WIDTH = {  # the registered variants' heads (mim.models.registry)
+    **{192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16},
+    **{1536: 24, 2688: 21, 3072: 24, 3584: 28, 4096: 32},
+}
 TIMM_NAMES = {  # (embed_dim, depth, patch) -> a timm architecture of that shape
     (192, 12, 16): "vit_tiny_patch16_224",
     (384, 12, 16): "vit_small_patch16_224",
     (768, 12, 16): "vit_base_patch16_224",
     (1024, 24, 16): "vit_large_patch16_224",
     (1280, 32, 14): "vit_huge_patch14_224",
+    (1408, 40, 14): "vit_giant_patch14_224",
 }
 ARCH_KEYS = checkpoint.ARCH_KEYS
 

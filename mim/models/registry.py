@@ -61,6 +61,37 @@ def mae_vit_huge_patch14() -> dict[str, Any]:
 
 
 @register_model
+def mae_vit_giant_patch14() -> dict[str, Any]:
+    """ViT-g/14, about 1.0B encoder parameters: Zhai et al., Scaling Vision Transformers (2022),
+    Table 2 (width 1408, depth 40, MLP 6144, 16 heads); timm's vit_giant_patch14_224."""
+    return dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11, **_PAPER_DECODER)
+
+
+# The Web-SSL family: Fan et al., Scaling Language-Free Visual Representation Learning (2025,
+# arXiv 2504.01017), MAE and DINOv2 ViTs of 1B to 7B trained on MetaCLIP's 2B images; widths,
+# depths and heads as in its released code (github.com/facebookresearch/webssl, vit_1b to vit_7b
+# in dinov2/vision_transformer.py, the MAE encoders in mae/mae.py), MLP 4x, patch 14. The decoder
+# is MAE's.
+WEB_SSL = {  # name -> (width, depth, heads)
+    "mae_vit_1b_patch14": (1536, 40, 24),
+    "mae_vit_2b_patch14": (2688, 24, 21),
+    "mae_vit_3b_patch14": (3072, 26, 24),
+    "mae_vit_5b_patch14": (3584, 32, 28),
+    "mae_vit_7b_patch14": (4096, 32, 32),
+}
+
+
+def _web_ssl(embed_dim: int, depth: int, num_heads: int) -> Callable[[], dict[str, Any]]:
+    return lambda: dict(
+        patch_size=14, embed_dim=embed_dim, depth=depth, num_heads=num_heads, **_PAPER_DECODER
+    )
+
+
+for _name, _shape in WEB_SSL.items():
+    _VARIANTS[_name] = _web_ssl(*_shape)
+
+
+@register_model
 def mae_vit_small_patch16() -> dict[str, Any]:
     return dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **_PAPER_DECODER)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 
@@ -31,8 +32,9 @@ def official_checkpoint(tmp_path_factory):
     return path
 
 
-def classify(stage, shards, run_dir, *overrides, config=None):
-    return run_cli(
+def classify(stage, shards, run_dir, *overrides, config=None, nproc=1):
+    run = run_cli if nproc == 1 else functools.partial(run_cli_ranks, nproc)
+    return run(
         stage,
         "--config",
         config or f"configs/{stage}/debug.yaml",
