@@ -125,9 +125,9 @@ def test_parse_bytes():
 
 
 def test_plan_cli_fits_the_7b_recipe_and_names_what_fits_when_a_config_does_not():
-    fits = run_cli("plan", "--config", "pretrain/mae_vit_7b_p14", "--processes", "64")
+    fits = run_cli("plan", "--config", "pretrain/mae_vit_7b_p14", "--processes", "4")
     assert fits.returncode == 0, fits.stderr[-2000:]
-    assert "mae_vit_7b_patch14 (6.48B parameters), 64 process(es), ZeRO 3, bf16" in fits.stdout
+    assert "mae_vit_7b_patch14 (6.48B parameters), 4 process(es), ZeRO 3 (auto), bf16" in fits.stdout
     assert "fits in 80GB" in fits.stdout and "activations" in fits.stdout
     too_big = run_cli(
         "plan",
