@@ -45,7 +45,9 @@ FIT_MODELS = [
 
 def measure(model: str, img_size: int, batch: int, procs: int, stage: int, every: int) -> list[dict]:
     """Each rank's {"rank", "measured", "predicted"} from memory_peak.py."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # the children's own
+    env = {k: v for k, v in os.environ.items() if k not in launch}
+    env.update(MALLOC_MMAP_THRESHOLD_="65536")
     env.setdefault("DS_ACCELERATOR", "cpu")
     with tempfile.TemporaryDirectory() as out:
         args = [

@@ -6,7 +6,6 @@ what processes really hold, and the GPU report's smoke run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from mim import checkpoint
-from tests.conftest import GREY, REPO, run_cli, run_cli_ranks
+from tests.conftest import GREY, REPO, cli_env, run_cli, run_cli_ranks
 from tests.integration.test_classify import classify
 from tests.integration.test_export import assert_same_features, export
 
@@ -124,7 +123,7 @@ PEAK_MODEL = ("mae_vit_small_patch16", "224", "16")  # 48M parameters, ~1.7 GiB 
 
 
 def measured_peaks(tmp_path, procs, stage, every):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", DS_ACCELERATOR="cpu")
+    env = cli_env(MALLOC_MMAP_THRESHOLD_="65536")  # no RANK / MASTER_PORT of this test process
     script = [
         str(REPO / "benchmarks/memory_peak.py"),
         str(tmp_path),
@@ -168,7 +167,7 @@ def test_the_gpu_report_smoke_run_prints_every_section():
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks/gpu_report.py"), "--smoke"],
         cwd=REPO,
-        env=dict(os.environ, DS_ACCELERATOR="cpu"),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,
