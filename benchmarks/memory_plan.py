@@ -7,8 +7,9 @@
                       the registered sizes on 8, 64 and 256 devices: the ZeRO stage auto picks
                       and the largest micro-batch without and with checkpointing (bf16, the plan)
 
-Prints markdown tables. On the CPU the measured peak is resident memory (see memory_peak.py);
-on a GPU, torch.cuda.max_memory_allocated.
+Prints markdown tables. The measured peak is what torch's allocator held at once (on the CPU
+counted from the profiler's allocation records, on a GPU torch.cuda.max_memory_allocated; see
+memory_peak.py), with the process's resident peak beside it.
 """
 
 from __future__ import annotations
@@ -70,14 +71,15 @@ def measure(model: str, img_size: int, batch: int, procs: int, stage: int, every
 
 def validate(args) -> None:
     print(f"{args.model} at {args.img_size}px, micro-batch {args.batch}, 3 steps (AdamW)\n")
-    print("| processes | ZeRO | checkpointing | rank | measured | plan | plan / measured |")
-    print("|---|---|---|---|---|---|---|")
+    print("| processes | ZeRO | checkpointing | rank | allocated (peak) | plan | plan / allocated | resident (peak) |")
+    print("|---|---|---|---|---|---|---|---|")
     cases = [tuple(map(int, c.split(":"))) for c in args.cases.split(",")] if args.cases else CASES
     for procs, stage, every in cases:
         for row in measure(args.model, args.img_size, args.batch, procs, stage, every):
             print(
                 f"| {procs} | {stage} | {every or 'off'} | {row['rank']} | {row['measured'] / GiB:.3f} GiB "
-                f"| {row['predicted'] / GiB:.3f} GiB | {row['predicted'] / row['measured']:.3f} |"
+                f"| {row['predicted'] / GiB:.3f} GiB | {row['predicted'] / row['measured']:.3f} "
+                f"| {row['resident'] / GiB:.3f} GiB |"
             )
 
 

@@ -10,7 +10,8 @@
                  loss on the meta device (no memory, any size) at the run's micro-batch, mask
                  ratio, precision (bf16: autocast's casts, the weights' bf16 copies included) and
                  activation checkpointing; plus the peak that backward adds on top of it
-    buffers      DeepSpeed's: the gradient-reduction bucket (ZeRO 2 and 3), allocated whole
+    buffers      DeepSpeed's: the gradient-reduction bucket (ZeRO 2 and 3), allocated whole; at
+                 ZeRO 3 on several processes the prefetch bucket of weights gathered ahead
 
 The activation count is exact for what autograd saves; the backward peak above it is a
 per-block estimate (`BACKWARD_PEAK_BLOCK_SHARE` of one block's saved tensors, or a whole block's
@@ -36,6 +37,7 @@ from mim.models.mae import MaskedAutoencoderViT
 USABLE_SHARE = 0.92
 MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters default
 PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default
+PREFETCH_BUCKET = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default
 BACKWARD_PEAK_BLOCK_SHARE = 1.0  # of the largest block's saved tensors: backward's transient peak
 GiB = 1 << 30
 
@@ -65,8 +67,12 @@ class Plan:
 
     @property
     def total(self) -> float:
-        """Gradients and activations do not peak together: backward frees a block's activations
-        as it makes the block's gradients, so the step's peak holds the larger of the two."""
+        """Below stage 3 gradients and activations do not peak together: backward frees a block's
+        activations as it makes the block's gradients, so the step's peak holds the larger of the
+        two. Stage 3 keeps its gradient partition in one flat buffer allocated with the engine
+        (contiguous_gradients), held while the forward's activations are."""
+        if self.setup.zero_stage == 3:
+            return self.parameters + self.optimizer + self.buffers + self.gradients + self.activations
         return self.parameters + self.optimizer + self.buffers + max(self.gradients, self.activations)
 
     def fits(self, device_memory: float) -> bool:
@@ -291,8 +297,12 @@ def plan(setup: Setup) -> Plan:
     else:
         gradients, optimizer = 4.0 * trained / world, (4.0 + moments) * trained / world
     # The gradient-reduction bucket, allocated whole (mim sizes it to the model where the model
-    # is smaller: mim.engine.deepspeed_engine.zero_optimization).
+    # is smaller: mim.engine.deepspeed_engine.zero_optimization). Stage 3 on several processes
+    # also all-gathers the weights a forward is about to use ahead of time, into buffers of up to
+    # stage3_prefetch_bucket_size values, held while the gathered weights are.
     buffers = 4.0 * min(REDUCE_BUCKET, trained) if stage >= 2 else 0.0
+    if stage == 3 and world > 1:
+        buffers += 4.0 * min(PREFETCH_BUCKET, trained + frozen - whole)
     return Plan(
         setup=setup,
         parameters=parameters,

@@ -98,8 +98,8 @@ def test_classifier_stages_run_at_zero3_and_evaluate_a_gathered_copy(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / stage / "metrics.json").read_text())
-    assert metrics["final"]["num_samples"] == 250  # every validation sample once over the 2 ranks
-    assert metrics["final"]["top1"] > 10
+    assert metrics["test"]["num_samples"] == 250  # every validation sample once over the 2 ranks
+    assert metrics["test"]["top1"] > 10
     meta = checkpoint.read_meta(checkpoint.latest_checkpoint(tmp_path / stage))
     assert meta["engine"]["zero_stage"] == 3
 
@@ -144,6 +144,14 @@ def measured_peaks(tmp_path, procs, stage, every):
     return [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank-*.json"))]
 
 
+# The plan is compared with the peak of what torch's allocator holds (memory_peak.py), the
+# quantity it claims to predict, not with resident memory, which adds malloc's slack and varies
+# by machine. That peak is fixed by the code: the same shapes allocated in the same order. The
+# 15 % margin is for what the plan leaves out by design: backward's transient peak is estimated
+# per block (BACKWARD_PEAK_BLOCK_SHARE), not traced op by op, and gloo's buffers on several
+# processes are not tensors the plan can count; benchmarks/README.md has every row's ratio.
+
+
 def test_the_plan_is_within_15_percent_and_checkpointing_lowers_the_peak(tmp_path):
     """One process at ZeRO 0, activation checkpointing off and on: the plan within 15 % of what
     the process holds at its peak, and recomputing every block holds far less."""
@@ -156,8 +164,9 @@ def test_the_plan_is_within_15_percent_and_checkpointing_lowers_the_peak(tmp_pat
     assert peaks[1] < 0.7 * peaks[0], peaks
 
 
-def test_the_plan_is_within_15_percent_on_two_processes_at_zero1(tmp_path):
-    records = measured_peaks(tmp_path, 2, 1, 0)
+@pytest.mark.parametrize(("stage", "every"), [(1, 0), (3, 1)])
+def test_the_plan_is_within_15_percent_on_two_processes(tmp_path, stage, every):
+    records = measured_peaks(tmp_path, 2, stage, every)
     assert len(records) == 2
     for record in records:
         assert 0.85 <= record["predicted"] / record["measured"] <= 1.15, record
