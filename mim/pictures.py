@@ -47,29 +47,45 @@ def _wrapped(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str
     return [*lines, current]
 
 
-def titled_grid(columns: list[torch.Tensor], titles: list[str], min_cell: int = MIN_CELL) -> torch.Tensor:
+def titled_grid(
+    columns: list[torch.Tensor],
+    titles: list[str],
+    min_cell: int = MIN_CELL,
+    heading: str = "",
+    colour_scale: tuple[str, str] | None = None,
+) -> torch.Tensor:
     """Columns of images (each (N, C, H, W), values in [0, 1], C 1 or 3) side by side, one row per
-    image, a title over each column -> one uint8 picture (3, height, width)."""
+    image, a title over each column -> one uint8 picture (3, height, width). `heading`: what the
+    picture shows, over the whole width; `colour_scale`: (low, high) labels of a heat_colours bar
+    drawn under the rows, for pictures where colour carries a value."""
     if len(columns) != len(titles):
         raise ValueError(f"{len(columns)} columns but {len(titles)} titles")
     num_rows, _, height, width = columns[0].shape
     scale = max(1, math.ceil(min_cell / max(height, width)))
     cell_h, cell_w = height * scale, width * scale
     font = _font(max(10, min(16, cell_w // 9)))
-    canvas = Image.new("RGB", (1, 1))
-    wrapped = [_wrapped(ImageDraw.Draw(canvas), title, font, cell_w - 4) for title in titles]
-    line_height = font.getbbox("Ag")[3] + 3
-    header = line_height * max(len(lines) for lines in wrapped) + 4
     total_w = len(columns) * cell_w + (len(columns) + 1) * GAP
-    total_h = header + num_rows * cell_h + (num_rows + 1) * GAP
-    canvas = Image.new("RGB", (total_w, total_h), BACKGROUND)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    heading_lines = _wrapped(measure, heading, font, total_w - 8) if heading else []
+    wrapped = [_wrapped(measure, title, font, cell_w - 4) for title in titles]
+    line_height = font.getbbox("Ag")[3] + 3
+    top = line_height * len(heading_lines) + (6 if heading_lines else 0)
+    header = top + line_height * max(len(lines) for lines in wrapped) + 4
+    rows_bottom = header + num_rows * cell_h + (num_rows + 1) * GAP
+    bar_height = 2 * line_height + 8 if colour_scale else 0
+    canvas = Image.new("RGB", (total_w, rows_bottom + bar_height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
+    for line_number, line in enumerate(heading_lines):
+        draw.text((4, 3 + line_number * line_height), line, fill=(0, 0, 0), font=font)
     for column, (images, lines) in enumerate(zip(columns, wrapped, strict=True)):
         left = GAP + column * (cell_w + GAP)
         for line_number, line in enumerate(lines):
             text_w = draw.textlength(line, font=font)
             draw.text(
-                (left + (cell_w - text_w) / 2, 2 + line_number * line_height), line, fill=(0, 0, 0), font=font
+                (left + (cell_w - text_w) / 2, top + 2 + line_number * line_height),
+                line,
+                fill=(60, 60, 60),
+                font=font,
             )
         for row, image in enumerate(images):
             pixels = (image.float().clamp(0, 1).expand(3, -1, -1) * 255).round().to(torch.uint8)
@@ -77,7 +93,22 @@ def titled_grid(columns: list[torch.Tensor], titles: list[str], min_cell: int = 
                 (cell_w, cell_h), Image.NEAREST
             )
             canvas.paste(tile, (left, header + GAP + row * (cell_h + GAP)))
+    if colour_scale:
+        _colour_bar(draw, canvas, (4, rows_bottom + 4, total_w - 4, line_height), colour_scale, font)
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
+
+
+def _colour_bar(draw, canvas, box: tuple[int, int, int, int], labels: tuple[str, str], font) -> None:
+    """A heat_colours bar from `box` (left, top, right, bar height), its two end labels under it."""
+    left, top, right, bar_height = box
+    ramp = heat_colours(torch.linspace(0, 1, right - left)).unsqueeze(1).expand(-1, bar_height, -1)
+    pixels = (ramp * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (bar_height, width, 3)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(pixels)), (left, top))
+    low, high = labels
+    draw.text((left, top + bar_height + 2), low, fill=(0, 0, 0), font=font)
+    draw.text(
+        (right - draw.textlength(high, font=font), top + bar_height + 2), high, fill=(0, 0, 0), font=font
+    )
 
 
 def save_png(picture: torch.Tensor, path: Path) -> None:
@@ -85,6 +116,31 @@ def save_png(picture: torch.Tensor, path: Path) -> None:
     array = picture.permute(1, 2, 0).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+
+def nice_ticks(low: float, high: float, target: int = 5) -> list[float]:
+    """Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) covering [low, high]
+    with about `target` intervals: the axis runs from the first tick to the last."""
+    span = high - low if high > low else max(1.0, abs(high))
+    raw = span / target
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first, last = math.floor(low / step), math.ceil(high / step)
+    if last == first:
+        last += 1
+    return [round(k * step, 12) for k in range(first, last + 1)]
+
+
+def tick_labels(ticks: list[float]) -> list[str]:
+    """The ticks' texts: one unit for the axis (k or M where its largest tick reaches 10,000 or
+    10,000,000) and as many decimals as the step needs in that unit."""
+    largest = max(abs(t) for t in ticks)
+    size, suffix = (1e6, "M") if largest >= 1e7 else (1e3, "k") if largest >= 1e4 else (1.0, "")
+    step = (ticks[1] - ticks[0]) / size
+    decimals = 0
+    while decimals < 6 and abs(step * 10**decimals - round(step * 10**decimals)) > 1e-9:
+        decimals += 1
+    return [f"{t / size:,.{decimals}f}{suffix}" if t else "0" for t in ticks]
 
 
 def line_chart(
@@ -95,18 +151,16 @@ def line_chart(
     y_label: str,
     size: tuple[int, int] = (640, 400),
 ) -> None:
-    """A PNG line chart: one line with dots per series, the y axis from the data's range."""
+    """A PNG line chart: one line with dots per series, round ticks on both axes, a light grid."""
     palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
     width, height = size
     left, right, top, bottom = 64, 40, 36, 52
     points = [p for values in series.values() for p in values]
     if not points:
         raise ValueError("a chart needs at least one point")
-    x_low, x_high = min(p[0] for p in points), max(p[0] for p in points)
-    y_low, y_high = min(p[1] for p in points), max(p[1] for p in points)
-    y_pad = max(1e-9, (y_high - y_low) * 0.1) if y_high > y_low else max(1.0, abs(y_high) * 0.05)
-    y_low, y_high = y_low - y_pad, y_high + y_pad
-    x_high = x_high if x_high > x_low else x_low + 1
+    x_ticks = nice_ticks(min(p[0] for p in points), max(p[0] for p in points))
+    y_ticks = nice_ticks(min(p[1] for p in points), max(p[1] for p in points))
+    x_low, x_high, y_low, y_high = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
 
     def at(x: float, y: float) -> tuple[float, float]:
         return (
@@ -118,22 +172,22 @@ def line_chart(
     draw = ImageDraw.Draw(image)
     font, small = _font(14), _font(11)
     draw.text((left, 8), title, fill=(0, 0, 0), font=font)
-    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
-    for tick in range(5):
-        y = y_low + (y_high - y_low) * tick / 4
-        x = x_low + (x_high - x_low) * tick / 4
+    grid = (228, 228, 228)
+    for y, label in zip(y_ticks, tick_labels(y_ticks), strict=True):
         _, py = at(x_low, y)
+        draw.line([left, py, width - right, py], fill=grid)
+        draw.text((left - 6 - draw.textlength(label, font=small), py - 7), label, fill=(0, 0, 0), font=small)
+    for x, label in zip(x_ticks, tick_labels(x_ticks), strict=True):
         px, _ = at(x, y_low)
-        draw.line([left, py, width - right, py], fill=(225, 225, 225))
-        draw.text((4, py - 7), f"{y:.1f}", fill=(0, 0, 0), font=small)
-        label = f"{x:,.0f}"
+        draw.line([px, top, px, height - bottom], fill=grid)
         draw.text(
             (px - draw.textlength(label, font=small) / 2, height - bottom + 4),
             label,
             fill=(0, 0, 0),
             font=small,
         )
-    draw.text((left, height - 20), x_label, fill=(0, 0, 0), font=small)
+    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+    draw.text((left + (width - left - right) / 2 - 30, height - 22), x_label, fill=(0, 0, 0), font=small)
     draw.text((left + 4, top + 4), y_label, fill=(90, 90, 90), font=small)
     for number, (name, values) in enumerate(series.items()):
         colour = palette[number % len(palette)]

@@ -42,8 +42,10 @@ def reconstruction_grid(
     std: list[float],
     mask_ratio: float,
     seed: int = 0,
+    what: str = "",
 ) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> one titled uint8 picture (3, height, width)."""
+    """uint8 images (N, C, H, W) -> one titled uint8 picture (3, height, width); `what` names the
+    checkpoint (and step) in the heading."""
     was_training = model.training
     model.eval()
     normalized = _normalized_input(model, images, mean, std)
@@ -61,7 +63,12 @@ def reconstruction_grid(
     pasted = original * (1 - pixel_mask) + reconstruction * pixel_mask
     panels = [_to_pixels(t, mean, std) for t in (original, masked, reconstruction, pasted)]
     panels[1] = panels[1] * (1 - pixel_mask.cpu()) + 0.5 * pixel_mask.cpu()  # removed patches in grey
-    return titled_grid(panels, RECONSTRUCTION_TITLES)
+    hidden = int(mask.sum(1).float().mean().item())
+    heading = (
+        f"MAE reconstructions{' of ' + what if what else ''}: mask ratio {mask_ratio:g}, "
+        f"{hidden} of {model.num_patches} patches hidden (grey in 'masked')"
+    )
+    return titled_grid(panels, RECONSTRUCTION_TITLES, heading=heading)
 
 
 def overlay(pictures: torch.Tensor, maps: torch.Tensor, opacity: float = 0.6) -> torch.Tensor:
@@ -81,9 +88,11 @@ def attention_grid(
     mean: list[float],
     std: list[float],
     block: int = -1,
+    what: str = "",
 ) -> torch.Tensor:
     """uint8 images (N, C, H, W) -> one titled uint8 picture (3, height, width): each image, its
-    cls token's attention to the patches for each head, and the heads' mean."""
+    cls token's attention to the patches for each head, and the heads' mean; `block` 0-based
+    (negative from the end), shown counted from 1; `what` names the checkpoint in the heading."""
     was_training = encoder.training
     encoder.eval()
     normalized = _normalized_input(encoder, images, mean, std)
@@ -95,4 +104,7 @@ def attention_grid(
     heads = [overlay(pictures, patch_maps[:, head]) for head in range(patch_maps.shape[1])]
     columns = [pictures, *heads, overlay(pictures, patch_maps.mean(1))]
     titles = ["image", *[f"head {h + 1}" for h in range(len(heads))], "mean"]
-    return titled_grid(columns, titles)
+    depth = len(encoder.blocks)
+    heading = f"cls-token attention in block {block % depth + 1} of {depth}{', ' + what if what else ''}"
+    scale = ("0", "each map's own maximum")
+    return titled_grid(columns, titles, heading=heading, colour_scale=scale)

@@ -4,8 +4,8 @@ reconstruction with the visible patches pasted back, for the first images of a s
 own statistics, as in the MAE paper's figures. SOURCE: a pretraining run dir or checkpoint.
 
 `mim visualize SOURCE --attention [--block N] --out attention.png`: rows of image | the cls
-token's attention to the patches in the last block (or block N, 0-based, negative from the end),
-one map per head | their mean. SOURCE: any mim run dir or checkpoint (pretraining, linear probe,
+token's attention to the patches in the last block (or block N, counted from 1; -1 is the last,
+-2 the one before), one map per head | their mean. SOURCE: any mim run dir or checkpoint (pretraining, linear probe,
 fine-tuning), a mim export, an official MAE .pth or timm ViT weights."""
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def reconstructions(args: argparse.Namespace) -> str:
     )
     images = images_to_show(args.data or meta["config"]["data"]["train"], spec, args.num_images)
     mask_ratio = args.mask_ratio or meta["config"]["model"]["mask_ratio"]
-    save_png(reconstruction_grid(model, images, meta["mean"], meta["std"], mask_ratio, args.seed), args.out)
+    what = f"{source.name}, step {meta['step']}"
+    grid = reconstruction_grid(model, images, meta["mean"], meta["std"], mask_ratio, args.seed, what)
+    save_png(grid, args.out)
     return f"{len(images)} images, step {meta['step']}, mask ratio {mask_ratio}, norm-pix {meta['norm_pix_loss']}"
 
 
@@ -84,10 +86,13 @@ def attention(args: argparse.Namespace) -> str:
         allowed_missing={"norm.weight", "norm.bias"},
         allowed_unexpected={"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"},
     )
-    try:
-        block = check_block(encoder, args.block)
-    except ValueError as error:
-        raise UserInputError(f"--block: {error}") from None
+    depth = len(encoder.blocks)
+    if args.block == 0 or not -depth <= args.block <= depth:
+        raise UserInputError(
+            f"--block {args.block} does not exist: this encoder has {depth} blocks, counted from 1 "
+            f"(1..{depth}, or -1..-{depth} from the end)"
+        )
+    block = check_block(encoder, args.block - 1 if args.block > 0 else args.block)
     meta = weights.meta
     data_config = meta.get("config", {}).get("data", {})
     normalization = meta.get("pretrained_cfg", data_config)  # an export's config.json, or a run's data
@@ -98,10 +103,9 @@ def attention(args: argparse.Namespace) -> str:
     mode = "L" if weights.arch["in_chans"] == 1 else "RGB"
     spec = ViewSpec(weights.arch["img_size"], mode, image_key=image_key(args, meta))
     images = images_to_show(shards, spec, args.num_images)
-    save_png(attention_grid(encoder, images, mean, std, block), args.out)
-    return (
-        f"{len(images)} images, block {block} of {weights.arch['depth']}, {weights.arch['num_heads']} heads"
-    )
+    what = Path(args.source).name + (f", step {meta['step']}" if "step" in meta else "")
+    save_png(attention_grid(encoder, images, mean, std, block, what), args.out)
+    return f"{len(images)} images, block {block + 1} of {depth}, {weights.arch['num_heads']} heads"
 
 
 @reports_user_errors("mim visualize")
@@ -112,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--attention", action="store_true", help="cls-token attention maps per head")
-    parser.add_argument("--block", type=int, default=-1, help="--attention: the block (default: the last)")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=-1,
+        help="--attention: the block, counted from 1; -1 the last (the default)",
+    )
     parser.add_argument("--data", help="shards to take the images from (default: the run's training shards)")
     parser.add_argument(
         "--image-key", help="the image member(s), ;-separated (default: the run's data.image_key)"

@@ -197,9 +197,11 @@ class Pretrainer(Trainer):
     def draw(self, model: MaskedAutoencoderViT) -> None:
         mean, std = self.config.data.mean, self.config.data.std
         if self.reconstructs:
-            grid = reconstruction_grid(model, self.fixed, mean, std, self.config.model.mask_ratio)
+            mask_ratio, what = self.config.model.mask_ratio, f"step {self.step}"
+            grid = reconstruction_grid(model, self.fixed, mean, std, mask_ratio, what=what)
             self.writer.add_image("reconstructions", grid, self.step)
-        self.writer.add_image("attention", attention_grid(model, self.fixed, mean, std), self.step)
+        attention = attention_grid(model, self.fixed, mean, std, what=f"step {self.step}")
+        self.writer.add_image("attention", attention, self.step)
 
     def meta(self) -> dict:
         return dict(

@@ -13,7 +13,7 @@ from PIL import Image
 from mim.models import create_model
 from mim.models.attention import check_block, cls_attention
 from mim.models.backbone import create_vit, load_encoder, load_weights
-from mim.pictures import heat_colours, line_chart, titled_grid
+from mim.pictures import heat_colours, line_chart, nice_ticks, tick_labels, titled_grid
 from mim.visualize import RECONSTRUCTION_TITLES, attention_grid, overlay, reconstruction_grid
 
 
@@ -117,3 +117,46 @@ def test_line_chart_writes_a_png(tmp_path):
     assert picture.size == (640, 400)
     with pytest.raises(ValueError, match="at least one point"):
         line_chart({"empty": []}, tmp_path / "d.png", "t", "x", "y")
+
+
+def test_a_heading_and_a_colour_scale_stand_over_and_under_the_grid():
+    column = torch.rand(2, 1, 28, 28)
+    plain = titled_grid([column], ["image"])
+    titled = titled_grid([column], ["image"], heading="what this is, step 7", colour_scale=("0", "max"))
+    assert titled.shape[2] == plain.shape[2] and titled.shape[1] > plain.shape[1] + 20
+    assert (titled[:, :12] < 128).any()  # dark heading text in the top rows
+    bar_row = titled[:, -30].float() / 255  # a row through the colour bar at the bottom
+    assert torch.allclose(bar_row[:, 4], heat_colours(torch.tensor(0.0)), atol=0.02)
+    assert torch.allclose(bar_row[:, -5], heat_colours(torch.tensor(1.0)), atol=0.02)
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "ticks", "labels"),
+    [
+        (62.2, 78.1, [60, 65, 70, 75, 80], ["60", "65", "70", "75", "80"]),
+        (0, 187_200, [0, 50_000, 100_000, 150_000, 200_000], ["0", "50k", "100k", "150k", "200k"]),
+        (85.1, 85.9, [85.0, 85.2, 85.4, 85.6, 85.8, 86.0], ["85.0", "85.2", "85.4", "85.6", "85.8", "86.0"]),
+        (0, 1170, [0, 250, 500, 750, 1000, 1250], ["0", "250", "500", "750", "1,000", "1,250"]),
+    ],
+)
+def test_chart_ticks_are_round_numbers_that_cover_the_data(low, high, ticks, labels):
+    got = nice_ticks(low, high)
+    assert got == pytest.approx(ticks) and got[0] <= low and got[-1] >= high
+    assert tick_labels(got) == labels
+
+
+def test_reconstructions_have_a_heading_and_attention_maps_a_colour_scale(model):
+    images = (torch.rand(2, 3, 32, 32) * 255).to(torch.uint8)
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    plain_height = titled_grid([torch.rand(2, 3, 32, 32)] * 4, RECONSTRUCTION_TITLES).shape[1]
+    reconstruction = reconstruction_grid(model, images, mean, std, 0.75, what="step 3")
+    assert reconstruction.shape[1] > plain_height and (reconstruction[:, :12] < 128).any()
+    attention = attention_grid(model, images, mean, std, what="step 3").float() / 255
+    low, high = heat_colours(torch.tensor(0.0)), heat_colours(torch.tensor(1.0))
+    bar_rows = [
+        row
+        for row in range(attention.shape[1] - 60, attention.shape[1])
+        if torch.allclose(attention[:, row, 4], low, atol=0.02)
+        and torch.allclose(attention[:, row, -5], high, atol=0.02)
+    ]
+    assert len(bar_rows) >= 10  # the bar from dark (0) to bright (each map's maximum), under the rows
