@@ -71,7 +71,9 @@ def measure(model: str, img_size: int, batch: int, procs: int, stage: int, every
 
 def validate(args) -> None:
     print(f"{args.model} at {args.img_size}px, micro-batch {args.batch}, 3 steps (AdamW)\n")
-    print("| processes | ZeRO | checkpointing | rank | allocated (peak) | plan | plan / allocated | resident (peak) |")
+    print(
+        "| processes | ZeRO | checkpointing | rank | allocated (peak) | plan | plan / allocated | resident (peak) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     cases = [tuple(map(int, c.split(":"))) for c in args.cases.split(",")] if args.cases else CASES
     for procs, stage, every in cases:
