@@ -3,7 +3,9 @@ the deepspeed launcher) and returns a frozen `DistEnv`; the process group is set
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import logging
 import os
 import socket
@@ -127,13 +129,22 @@ def init_distributed(env: DistEnv) -> torch.device:
     if not cpu:
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
+        if cpu:
+            # Importing DeepSpeed imports torch's cpp_extension, which warns on every machine
+            # without a CUDA runtime that it found none: expected here, so its logger says errors only.
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         import deepspeed
 
-        deepspeed.init_distributed(
-            dist_backend="gloo" if cpu else "nccl",
-            auto_mpi_discovery=False,
-            timeout=datetime.timedelta(minutes=30),
-        )
+        # DeepSpeed prints (not logs) that it built its shared-memory op: kept as a debug line.
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            deepspeed.init_distributed(
+                dist_backend="gloo" if cpu else "nccl",
+                auto_mpi_discovery=False,
+                timeout=datetime.timedelta(minutes=30),
+            )
+        for line in printed.getvalue().splitlines():
+            log.debug("deepspeed: %s", line)
     log.info(
         "%d process(es) on %d node(s) (%s), rendezvous %s:%d; rank 0 on %s",
         env.world_size,
