@@ -164,7 +164,11 @@ class ModelConfig(EncoderGeometry):
 @dataclass
 class DataConfig:
     train: str = key("", "training shards: a directory, an _info.json, a brace pattern, http(s):// or pipe:")
-    val: str = key("", "validation shards (labelled), given as data.train is", stages=CLASSIFY)
+    val: str = key(
+        "",
+        "labelled shards the result is reported on (the test split), given as data.train is",
+        stages=CLASSIFY,
+    )
     batch_size: int = key(
         64,
         "samples per process (per GPU) per micro-step",
@@ -419,11 +423,17 @@ class AugmentConfig:
 class EvalConfig:
     every_epochs: float = key(
         1.0,
-        "epochs between evaluations on data.val (and at the end)",
+        "epochs between evaluations (on the held-out share, see eval.holdout; and at the end)",
         bounds="> 0",
         per_stage={LINPROBE: 5.0},
     )
     crop_fraction: float = key(0.875, "resize to img_size / crop_fraction, then centre crop", bounds="(0, 1]")
+    holdout: float = key(
+        0.02,
+        "share of data.train held out (seeded) to choose the head and epoch on; data.val is then "
+        "evaluated only for the choice. 0: choose on data.val itself (its figure is then optimistic)",
+        bounds="[0, 0.5]",
+    )
 
 
 @dataclass
@@ -434,7 +444,7 @@ class ClassifyConfig(StageConfig):
     optim: ClassifyOptimConfig = section(ClassifyOptimConfig, "optimizer and lr")
     probe: ProbeConfig = section(ProbeConfig, "the linear heads", stages=(LINPROBE,))
     augment: AugmentConfig = section(AugmentConfig, "training augmentation")
-    eval: EvalConfig = section(EvalConfig, "evaluation on data.val")
+    eval: EvalConfig = section(EvalConfig, "evaluation: the choice of head and epoch, and data.val")
 
 
 @dataclass

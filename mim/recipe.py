@@ -4,7 +4,7 @@ here, before any work starts."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,12 @@ from mim.config import (
     ScheduleConfig,
     require,
 )
+from mim.data.holdout import Holdout
 from mim.data.members import check_keys
 from mim.data.reading import ReadPolicy, ShardUnreadable
 from mim.data.shards import ShardSet, open_shards, with_lengths
 from mim.data.streams import spread_subset
-from mim.engine.evaluate import KnnSplits
+from mim.engine.evaluate import EvaluationSplits, KnnSplits
 from mim.models.backbone import ARCH_KEYS, Weights, load_weights
 from mim.models.registry import model_args
 from mim.models.targets import hog_cell
@@ -227,7 +228,7 @@ class ClassifyInputs:
     weights: Weights | None  # None: a randomly initialised encoder
     arch: dict[str, Any]
     shards: ShardSet
-    val_shards: ShardSet
+    splits: EvaluationSplits  # the choice on a held-out share of data.train, data.val reported
     num_classes: int
 
 
@@ -295,4 +296,15 @@ def check_classify(config: ClassifyConfig) -> ClassifyInputs:
         num_classes > 0,
         f"data.train {config.data.train} names no classes in _info.json: set model.num_classes",
     )
-    return ClassifyInputs(weights, arch, shards, val_shards, num_classes)
+    splits = EvaluationSplits(val_shards, val_shards, None, "data.val itself (optimistic: eval.holdout=0)")
+    if config.eval.holdout > 0:
+        shards = replace(shards, held_out=Holdout(config.eval.holdout, config.run.seed))
+        held = shards.held_out_indices()
+        require(
+            0 < len(held) < shards.num_samples,
+            f"eval.holdout={config.eval.holdout} of data.train's {shards.num_samples} samples holds out "
+            f"{len(held)}: choose a share that leaves samples on both sides, or 0 to choose on data.val",
+        )
+        name = f"the held-out {config.eval.holdout:.0%} of data.train ({len(held)} samples)"
+        splits = EvaluationSplits(val_shards, replace(shards, held_out=None), held, name)
+    return ClassifyInputs(weights, arch, shards, splits, num_classes)

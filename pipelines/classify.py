@@ -99,7 +99,7 @@ def run(stage: str, argv: list[str] | None, description: str) -> int:
             model,
             groups,
             inputs.shards,
-            inputs.val_shards,
+            inputs.splits,
             view,
             env,
             device,
@@ -107,13 +107,16 @@ def run(stage: str, argv: list[str] | None, description: str) -> int:
             stop,
         )
         outcome = trainer.run()
-        final = trainer.metrics.get("final", {})
+        test = trainer.metrics.get("test")
         log.info(
-            "%s stopped at step %d of %d (%s); final top-1 %s",
+            "%s stopped at step %d of %d (%s)%s",
             stage,
             outcome.step,
             outcome.total_steps,
             outcome.reason,
-            final.get("top1"),
+            f"; data.val top-1 {test['top1']:.2f} (head {test['head']} at epoch {test['epoch']:g}, "
+            f"chosen on {test['chosen_on']})"
+            if test
+            else "",
         )
     return requeue_if_stopped(outcome.reason, env)

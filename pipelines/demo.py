@@ -37,8 +37,8 @@ QUICK = {
         "monitor.bank_samples=1000",
         "monitor.val_samples=1000",
     ],
-    "linprobe": [_EPOCH],
-    "finetune": [_EPOCH, "data.batch_size=128", "schedule.epochs=1", "eval.every_epochs=1", "log.every=10"],
+    "linprobe": [],
+    "finetune": ["data.batch_size=128", "schedule.epochs=1", "eval.every_epochs=1", "log.every=10"],
 }
 
 
@@ -69,8 +69,10 @@ def stage(name: str, *arguments: str) -> float:
     return time.monotonic() - started
 
 
-def best_top1(run_dir: Path) -> float:
-    return json.loads((run_dir / "metrics.json").read_text())["best"]["top1"]
+def test_top1(run_dir: Path) -> float:
+    """The stage's reported figure: the head and epoch chosen on its held-out training images,
+    evaluated on the test split."""
+    return json.loads((run_dir / "metrics.json").read_text())["test"]["top1"]
 
 
 def write_results(
@@ -89,9 +91,13 @@ def write_results(
     table = "\n".join(
         [f"| Fashion-MNIST test set ({test_set}) | |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows]]
     )
+    chosen = (
+        "The probes' head and epoch, and the fine-tune's epoch, are chosen on 10 % of the training "
+        "images held out (eval.holdout); the test split is evaluated for the choice only."
+    )
     note = " (--quick: a first look, not the figures of the full demo)" if quick else ""
     pictures = "\n\n".join(f"![{name}]({name}.png)" for name in ("knn", "reconstructions", "attention"))
-    (out / "results.md").write_text(f"# mim demo results{note}\n\n{table}\n\n{pictures}\n")
+    (out / "results.md").write_text(f"# mim demo results{note}\n\n{table}\n\n{chosen}\n\n{pictures}\n")
     (out / "results.json").write_text(
         json.dumps({"accuracy": accuracy, "seconds": seconds, "knn_curve": curve, "quick": quick}, indent=1)
     )
@@ -199,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds["total"] = time.monotonic() - started
     curve = knn_chart(out / "pretrain", out / "knn.png")
     accuracy = {
-        "linprobe_mae": best_top1(out / "linprobe-mae"),
-        "linprobe_random": best_top1(out / "linprobe-random"),
-        "finetune_mae": best_top1(out / "finetune-mae"),
+        "linprobe_mae": test_top1(out / "linprobe-mae"),
+        "linprobe_random": test_top1(out / "linprobe-random"),
+        "finetune_mae": test_top1(out / "finetune-mae"),
     }
     table = write_results(out, accuracy, seconds, curve, args.quick)
     print(

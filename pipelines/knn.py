@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if min(args.bank_samples or 1, args.val_samples or 1) < 1:
         raise UserInputError("--bank-samples and --val-samples must be at least 1")
-    config = load_config(LinprobeConfig, args.config, ["run.dir=.", *args.overrides])
+    # kNN chooses nothing: the bank is all of data.train
+    config = load_config(LinprobeConfig, args.config, ["run.dir=.", "eval.holdout=0", *args.overrides])
     inputs = check_classify(config)  # the same backbone loading and checks as the probe
     model, _ = build_linear_probe(
         inputs.arch, inputs.weights, inputs.num_classes, 1, config.model.global_pool
@@ -70,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
     splits = KnnSplits(
         inputs.shards,
-        inputs.val_shards,
+        inputs.splits.test,
         inputs.num_classes,
         spread_subset(inputs.shards.lengths, args.bank_samples),
-        spread_subset(inputs.val_shards.lengths, args.val_samples),
+        spread_subset(inputs.splits.test.lengths, args.val_samples),
     )
     loader = (config.data.batch_size, config.data.num_workers, config.eval.crop_fraction)
     result = knn_evaluate(features_of, splits, spec, env, device, loader, args.k, args.temperature)

@@ -22,6 +22,7 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 
+from mim.data.holdout import Holdout
 from mim.data.indexes import INDEX_FILES, parse_index, split_of, stats_count, stats_name
 from mim.data.reading import DEFAULT_READ, ReadPolicy, ShardUnreadable, is_remote, read_bytes, stream_samples
 from mim.data.sources import Record, Source
@@ -36,10 +37,23 @@ class ShardSet:
     lengths: list[int] | None  # samples per shard, when known
     classes: list[str]
     read: ReadPolicy = DEFAULT_READ  # retries for remote shards
+    held_out: Holdout | None = None  # samples set aside (eval.holdout): every stream skips them
 
     @property
     def num_samples(self) -> int | None:
         return sum(self.lengths) if self.lengths is not None else None
+
+    def held_out_indices(self) -> tuple[int, ...]:
+        """The global indices of the samples set aside, sorted (none without a holdout)."""
+        if self.held_out is None or self.lengths is None:
+            return ()
+        return self.held_out.indices(self.urls, self.lengths)
+
+    @property
+    def num_usable(self) -> int | None:
+        """The samples that streams over this set read: all, less those held out."""
+        total = self.num_samples
+        return None if total is None else total - len(self.held_out_indices())
 
 
 # ----------------------------------------------------------------------------- writing

@@ -11,6 +11,9 @@ there.
 Evaluation (`EvalStream`): every sample of the split (or of a subset of it) exactly once
 across all ranks and workers: contiguous ranges of the global sample indices, split by rank, then
 by worker.
+
+Both skip the samples a shard set holds out (`ShardSet.held_out`, eval.holdout of the classifier
+stages): the held-out ones are read only as a subset of the same shards without the holdout.
 """
 
 from __future__ import annotations
@@ -194,7 +197,7 @@ class TrainStream(IterableDataset):
         empty_chunks, good, bad = 0, 0, 0
         while True:
             rng, urls = self._chunk(worker, chunk)
-            samples = (sample for url in urls for sample in reader.samples(url))
+            samples = (sample for url in urls for sample in _usable_samples(self.shards, reader, url))
             read_any = False
             for position, sample in enumerate(shuffled(samples, rng, self.shuffle_buffer)):
                 read_any = True
@@ -241,6 +244,18 @@ class TrainStream(IterableDataset):
                     f"{worst}); are the shards reachable and are they tar files?"
                 )
             chunk, offset = chunk + 1, 0
+
+
+def _usable_samples(shards: ShardSet, reader: _SampleReader, url: str) -> Iterator[dict]:
+    """The shard's samples, less those its set holds out (eval.holdout)."""
+    held_out = shards.held_out
+    if held_out is None:
+        yield from reader.samples(url)
+        return
+    name = basename(url)
+    for offset, sample in enumerate(reader.samples(url)):
+        if not held_out.holds(name, offset):
+            yield sample
 
 
 def shuffled(samples: Iterable[dict], rng: random.Random, size: int) -> Iterator[dict]:
@@ -324,11 +339,12 @@ class EvalStream(IterableDataset):
         view = lambda payload: eval_view(  # noqa: E731
             payload, self.spec.mode, self.spec.img_size, self.crop_fraction, self.spec.reduced_decode
         )
+        held_out, name = self.shards.held_out, basename(url)
         for offset, sample in enumerate(reader.samples(url)):
             index = first_index + offset
             if index > last:  # the rest of the shard is not wanted: stop reading it
                 break
-            if index in members:
+            if index in members and not (held_out is not None and held_out.holds(name, offset)):
                 try:
                     image, label = _decode_sample(sample, self.spec, view)
                 except BadSample as error:

@@ -1,5 +1,6 @@
-"""Linear probing and fine-tuning: the shared loop with a classification loss, evaluation on the
-validation shards at epoch ends, and metrics.json (per evaluation and best)."""
+"""Linear probing and fine-tuning: the shared loop with a classification loss, evaluations at
+epoch ends on the selection split (a held-out share of data.train), data.val for the choice
+only, and metrics.json (each evaluation, the choice and its data.val figure)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from mim.config import ClassifyConfig
 from mim.data.shards import ShardSet
 from mim.data.streams import ViewSpec, derived_seed, eval_spec
 from mim.distributed import DistEnv, all_reduce_sum
-from mim.engine.evaluate import evaluate, extract_features, top_k_counts
+from mim.engine.evaluate import EvaluationSplits, evaluate, extract_features, top_k_counts
 from mim.engine.trainer import Trainer
 from mim.runtime import StopSignal
 
@@ -35,7 +36,7 @@ class ClassifierTrainer(Trainer):
         model: torch.nn.Module,
         groups: list[dict],
         shards: ShardSet,
-        val_shards: ShardSet,
+        splits: EvaluationSplits,
         view_spec: ViewSpec,
         env: DistEnv,
         device: torch.device,
@@ -44,7 +45,8 @@ class ClassifierTrainer(Trainer):
     ) -> None:
         self.stage = stage
         self.description = description  # backbone, arch, num_classes, head lrs: goes into meta and metrics
-        self.val_shards = val_shards
+        self.splits = splits
+        self.head_losses: torch.Tensor | None = None  # linprobe: each head's loss summed since the last log
         super().__init__(config, shards, env, device, model, groups, view_spec, stop, config.optim.optimizer)
         augment, num_classes = config.augment, description["num_classes"]
         self.mixup = None
@@ -68,7 +70,10 @@ class ClassifierTrainer(Trainer):
     def forward_loss(self, images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
         if self.stage == "linprobe":
             logits = self.engine(images)  # (H, N, C): every head sees the same frozen features
-            return sum(F.cross_entropy(head_logits.float(), labels) for head_logits in logits)
+            losses = torch.stack([F.cross_entropy(head_logits.float(), labels) for head_logits in logits])
+            detached = losses.detach()
+            self.head_losses = detached if self.head_losses is None else self.head_losses + detached
+            return losses.sum()
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
             if self.erasing is not None:
@@ -90,11 +95,28 @@ class ClassifierTrainer(Trainer):
                 logits = model(self.normalize(images))
         return logits if self.stage == "linprobe" else logits.unsqueeze(0)
 
+    def describe_loss(self, loss: float, micro_losses: int) -> str:
+        """linprobe: each head's own loss (their sum says nothing when one lr diverges), the one
+        chosen so far marked with *."""
+        if self.head_losses is None:
+            return super().describe_loss(loss, micro_losses)
+        per_head = (all_reduce_sum(self.head_losses.clone()) / micro_losses).tolist()
+        self.head_losses = None
+        chosen = self.metrics.get("test", {}).get("head")
+        for head, value in enumerate(per_head):
+            self.scalar(f"train/loss_head{head}", value)
+        shown = " ".join(f"{value:.4g}{'*' if head == chosen else ''}" for head, value in enumerate(per_head))
+        return f"loss per head {shown}"
+
     def after_step(self) -> None:
         if self.step % self.eval_every == 0 or self.step == self.plan.total_steps:
             self.evaluate_now()
 
-    def evaluate_now(self) -> dict:
+    def evaluate_split(self, split: str) -> dict:
+        """Per-head top-1/top-5 on the selection split ("select") or on data.val ("test")."""
+        shards, subset = (
+            (self.splits.select, self.splits.select_subset) if split == "select" else (self.splits.test, None)
+        )
         self.engine.eval()
         spec = eval_spec(self.view_spec)
         # Ranks read different numbers of batches: at ZeRO 3, whose forward gathers with the other
@@ -103,34 +125,62 @@ class ClassifierTrainer(Trainer):
             model.eval()
             result = evaluate(
                 lambda images: self.logits_of(images, model),
-                self.val_shards,
+                shards,
                 spec,
                 self.env,
                 self.device,
                 self.config.data.batch_size,
                 self.config.data.num_workers,
                 self.config.eval.crop_fraction,
+                subset,
             )
         self.engine.train()
-        return self.record_evaluation(result)
+        return result
 
-    def record_evaluation(self, result: dict) -> dict:
+    def evaluate_now(self) -> dict:
+        """Evaluates on the selection split; where that beats every earlier evaluation (its best
+        head), the model as it is now becomes the choice and is evaluated on data.val. The
+        choice never sees data.val."""
+        result = self.evaluate_split("select")
         epoch = self.step / self.plan.steps_per_epoch
         record = {"epoch": round(epoch, 3), "step": self.step, **result}
-        self.metrics["evaluations"].append(record)
-        best_head = max(range(len(result["top1"])), key=lambda h: result["top1"][h])
+        head = max(range(len(result["top1"])), key=lambda h: result["top1"][h])
         log.info(
-            "%s eval at epoch %.2f: top-1 %s  top-5 %s  (%d samples)",
+            "%s eval at epoch %.2f on %s: top-1 %s  top-5 %s  (%d samples)",
             self.stage,
             epoch,
+            self.splits.select_name,
             " ".join(f"{v:.2f}" for v in result["top1"]),
             " ".join(f"{v:.2f}" for v in result["top5"]),
             result["num_samples"],
         )
-        self.scalar("eval/top1", result["top1"][best_head])
-        self.scalar("eval/top5", result["top5"][best_head])
-        for head, value in enumerate(result["top1"]):
-            self.scalar(f"eval/top1_head{head}", value)
+        self.scalar("eval/top1", result["top1"][head])
+        self.scalar("eval/top5", result["top5"][head])
+        for number, value in enumerate(result["top1"]):
+            self.scalar(f"eval/top1_head{number}", value)
+        self.summarize(self.metrics, before=self.step)
+        chosen = self.metrics.get("test")
+        if chosen is None or result["top1"][head] > chosen["selection_top1"]:
+            test = result if self.splits.select_subset is None else self.evaluate_split("test")
+            record["test"] = {
+                "head": head,
+                "top1": test["top1"][head],
+                "top5": test["top5"][head],
+                "num_samples": test["num_samples"],
+            }
+            log.info(
+                "%s: chose head %d at epoch %.2f (%.2f on %s); data.val top-1 %.2f  top-5 %.2f  (%d samples)",
+                self.stage,
+                head,
+                epoch,
+                result["top1"][head],
+                self.splits.select_name,
+                test["top1"][head],
+                test["top5"][head],
+                test["num_samples"],
+            )
+            self.scalar("test/top1", test["top1"][head])
+        self.metrics["evaluations"].append(record)
         self.write_metrics()
         return record
 
@@ -143,27 +193,40 @@ class ClassifierTrainer(Trainer):
             metrics["evaluations"] = json.loads(path.read_text()).get("evaluations", [])
         return metrics
 
-    def write_metrics(self) -> None:
-        self.metrics["evaluations"] = [e for e in self.metrics["evaluations"] if e["step"] <= self.step]
-        evaluations = self.metrics["evaluations"]
-        best = max(
-            ((e, h) for e in evaluations for h in range(len(e["top1"]))), key=lambda p: p[0]["top1"][p[1]]
-        )
+    def summarize(self, metrics: dict, before: int) -> None:
+        """Keeps the evaluations of steps before `before` (an earlier attempt may have gone past
+        the checkpoint this one resumed from); `final`: the last one's best head on the selection
+        split; `test`: the choice (the evaluation whose best head led on the selection split) on
+        data.val, as reported."""
+        metrics["evaluations"] = [e for e in metrics["evaluations"] if e["step"] < before]
+        metrics.pop("test", None)
+        metrics.pop("final", None)
+        metrics["selection"] = self.splits.select_name
+        evaluations = metrics["evaluations"]
+        if not evaluations:
+            return
         final = evaluations[-1]
-        final_head = max(range(len(final["top1"])), key=lambda h: final["top1"][h])
-        self.metrics["best"] = {
-            "epoch": best[0]["epoch"],
-            "head": best[1],
-            "top1": best[0]["top1"][best[1]],
-            "top5": best[0]["top5"][best[1]],
-        }
-        self.metrics["final"] = {
+        head = max(range(len(final["top1"])), key=lambda h: final["top1"][h])
+        metrics["final"] = {
             "epoch": final["epoch"],
-            "head": final_head,
-            "top1": final["top1"][final_head],
-            "top5": final["top5"][final_head],
+            "head": head,
+            "top1": final["top1"][head],
+            "top5": final["top5"][head],
             "num_samples": final["num_samples"],
         }
+        chosen = [e for e in evaluations if "test" in e]
+        if chosen:
+            record = chosen[-1]
+            metrics["test"] = dict(
+                record["test"],
+                epoch=record["epoch"],
+                step=record["step"],
+                selection_top1=record["top1"][record["test"]["head"]],
+                chosen_on=self.splits.select_name,
+            )
+
+    def write_metrics(self) -> None:
+        self.summarize(self.metrics, before=self.step + 1)
         if self.env.is_main:
             path = Path(self.run_dir) / METRICS_FILE
             temporary = path.with_name(path.name + ".tmp")
@@ -176,7 +239,7 @@ class ClassifierTrainer(Trainer):
             backbone={"arch": self.description["arch"], "source": self.description["source"]},
             num_classes=self.description["num_classes"],
             global_pool=self.config.model.global_pool,
-            metrics=self.metrics.get("final"),
+            metrics=self.metrics.get("test"),
         )
 
 
@@ -188,7 +251,7 @@ class CachedFeatureProbe(ClassifierTrainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        extract = lambda module, shards: extract_features(  # noqa: E731
+        extract = lambda module, shards, subset=None: extract_features(  # noqa: E731
             lambda images: module.features(self.normalize(images)),
             shards,
             eval_spec(self.view_spec),
@@ -199,17 +262,25 @@ class CachedFeatureProbe(ClassifierTrainer):
             self.config.eval.crop_fraction,
             l2_normalize=False,
             gather=False,
+            subset=subset,
         )
         started = time.monotonic()
+        splits = self.splits
         with torch.no_grad(), self.unsharded() as module:
             module.eval()
             self.train_features, self.train_labels = extract(module, self.shards)
-            self.val_features, self.val_labels = extract(module, self.val_shards)
+            self.cached = {"test": extract(module, splits.test)}
+            self.cached["select"] = (
+                extract(module, splits.select, splits.select_subset)
+                if splits.select_subset is not None
+                else self.cached["test"]
+            )
         self.engine.module.takes_features = True
         log.info(
-            "cached features of %d training and %d validation samples (this rank) in %.0f s",
+            "cached features of %d training, %d held-out and %d data.val samples (this rank) in %.0f s",
             len(self.train_labels),
-            len(self.val_labels),
+            len(self.cached["select"][1]) if splits.select_subset is not None else 0,
+            len(self.cached["test"][1]),
             time.monotonic() - started,
         )
 
@@ -237,16 +308,16 @@ class CachedFeatureProbe(ClassifierTrainer):
                 }
             epoch, offset = epoch + 1, 0
 
-    def evaluate_now(self) -> dict:
+    def evaluate_split(self, split: str) -> dict:
+        features, labels = self.cached[split]
         self.engine.eval()
         with torch.no_grad():
-            logits = self.engine(self.normalize(self.val_features)).float()
+            logits = self.engine(self.normalize(features)).float()
         self.engine.train()
-        correct = all_reduce_sum(top_k_counts(logits, self.val_labels))
-        count = all_reduce_sum(torch.tensor(float(len(self.val_labels)), device=self.device)).item()
-        result = {
+        correct = all_reduce_sum(top_k_counts(logits, labels))
+        count = all_reduce_sum(torch.tensor(float(len(labels)), device=self.device)).item()
+        return {
             "top1": (correct[0] * 100 / count).tolist(),
             "top5": (correct[1] * 100 / count).tolist(),
             "num_samples": int(count),
         }
-        return self.record_evaluation(result)

@@ -26,10 +26,12 @@ def evaluate(
     batch_size: int,
     num_workers: int,
     crop_fraction: float,
+    subset: Sequence[int] | None = None,
 ) -> dict:
     """`logits_of(uint8 images on device)` -> (num_heads, N, num_classes). Returns per-head top-1/top-5
-    in percent and the number of samples counted (all ranks together)."""
-    stream = EvalStream(shards, spec, env.rank, env.world_size, crop_fraction)
+    in percent and the number of samples counted (all ranks together), over the split or over
+    `subset` (sorted sample indices)."""
+    stream = EvalStream(shards, spec, env.rank, env.world_size, crop_fraction, subset)
     correct, count = None, torch.zeros((), device=device)
     with interruptible("evaluating"):
         for images, labels, _ in eval_loader(stream, batch_size, num_workers):
@@ -92,6 +94,18 @@ def extract_features(
     if not gather or not (dist.is_initialized() and dist.get_world_size() > 1):
         return local, local_labels
     return _gather_uneven(local), _gather_uneven(local_labels)
+
+
+@dataclass(frozen=True)
+class EvaluationSplits:
+    """Where a classifier is evaluated: `select` (its `select_subset`, sorted sample indices, or
+    all of it) chooses the head and epoch; `test` (data.val) is reported, for the choice only.
+    `select_name` says which split chose, for logs and metrics.json."""
+
+    test: ShardSet
+    select: ShardSet
+    select_subset: tuple[int, ...] | None
+    select_name: str
 
 
 @dataclass(frozen=True)

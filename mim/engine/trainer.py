@@ -83,7 +83,7 @@ class Trainer:
         self.resume_from = self.resume_point()
         if self.resume_from is not None:
             self.keep_effective_batch(checkpoint.read_meta(self.resume_from))
-        samples_per_epoch = config.data.samples_per_epoch or shards.num_samples
+        samples_per_epoch = config.data.samples_per_epoch or shards.num_usable
         self.plan = make_plan(
             config.optim, config.schedule, config.data.batch_size, env.world_size, samples_per_epoch
         )
@@ -391,6 +391,10 @@ class Trainer:
         if self.writer is not None:
             self.writer.add_scalar(name, value, self.step)
 
+    def describe_loss(self, loss: float, micro_losses: int) -> str:
+        """The loss as the step's log line shows it; `micro_losses`: micro-batches over all ranks."""
+        return f"loss {loss:.4f}"
+
     def log_step(self, loss_sum: torch.Tensor, num_steps: int, progress: Progress) -> float:
         micro_losses = num_steps * self.config.optim.accum_steps * self.env.world_size
         loss = all_reduce_sum(loss_sum.clone()).item() / micro_losses
@@ -399,11 +403,11 @@ class Trainer:
         grad_norm = float(self.runner.grad_norm) if self.runner.grad_norm is not None else float("nan")
         samples = self.step * self.plan.effective_batch
         log.info(
-            "%s step %d/%d  loss %.4f  lr %.3e  grad_norm %.3f  %.1f img/s  samples %d  eta %s",
+            "%s step %d/%d  %s  lr %.3e  grad_norm %.3f  %.1f img/s  samples %d  eta %s",
             self.stage,
             self.step,
             self.plan.total_steps,
-            loss,
+            self.describe_loss(loss, micro_losses),
             lr,
             grad_norm,
             rate,

@@ -5,13 +5,15 @@ from __future__ import annotations
 import functools
 import json
 import pickle
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from mim import checkpoint
-from mim.data.shards import write_shards
+from mim.data.holdout import Holdout
+from mim.data.shards import open_shards, with_lengths, write_shards
 from mim.models import create_model
 from tests.conftest import fashion_mnist_subset, run_cli, run_cli_ranks
 
@@ -66,9 +68,22 @@ def test_probe_learns_far_above_chance_and_leaves_the_backbone_untouched(
     assert result.returncode == 0, result.stderr[-3000:]
     report = metrics(tmp_path / "probe")
     assert report["load_report"] == {"missing": [], "unexpected": []} and report["probe_blocks"] == 2
-    assert report["final"]["num_samples"] == 250 and len(report["evaluations"]) == 8
-    assert report["best"]["top1"] > 40.0  # chance is 10 %; a random 4-block encoder, 8 short epochs
-    assert report["best"]["top5"] >= report["best"]["top1"]
+    assert report["test"]["num_samples"] == 250 and len(report["evaluations"]) == 8
+    assert report["test"]["top1"] > 40.0  # chance is 10 %; a random 4-block encoder, 8 short epochs
+    assert report["test"]["top5"] >= report["test"]["top1"]
+    # The head and epoch are chosen on the held-out 2 % of data.train; data.val is reported.
+    train = with_lengths(open_shards(str(fmnist_shards["train"])))
+    held = Holdout(0.02, seed=0).indices(train.urls, train.lengths)
+    assert all(e["num_samples"] == len(held) for e in report["evaluations"])
+    chosen = report["test"]  # the first evaluation whose best head no other beats
+    before = [max(e["top1"]) for e in report["evaluations"] if e["step"] < chosen["step"]]
+    after = [max(e["top1"]) for e in report["evaluations"] if e["step"] >= chosen["step"]]
+    assert chosen["selection_top1"] == after[0] == max(after) and all(v < after[0] for v in before)
+    assert chosen["chosen_on"] == f"the held-out 2% of data.train ({len(held)} samples)"
+    assert "loss per head " in result.stderr
+    assert re.search(
+        r"data.val top-1 \d+\.\d\d \(head \d at epoch \d+, chosen on the held-out", result.stderr
+    )
     probe_weights = load_file(str(checkpoint.latest_checkpoint(tmp_path / "probe") / checkpoint.WEIGHTS_FILE))
     original = torch.load(official_checkpoint, weights_only=True)["model"]
     backbone = {k[len("backbone.") :]: v for k, v in probe_weights.items() if k.startswith("backbone.")}
@@ -96,7 +111,7 @@ def test_official_checkpoint_fine_tunes_and_reports_what_it_adds(
         "missing": ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"],
         "unexpected": ["norm.bias", "norm.weight"],
     }
-    assert report["final"]["num_samples"] == 250
+    assert report["test"]["num_samples"] == 250
 
 
 def test_from_scratch_and_a_different_eval_size_resample_positions(
@@ -165,7 +180,17 @@ def test_wrong_checkpoints_fail_clearly_before_work(tmp_path, fmnist_shards):
         result.returncode == 2
         and "probe.blocks must be at most the encoder's depth 4, got 5" in result.stderr
     )
-    assert not any((tmp_path / name).exists() for name in "abcd")
+    result = classify(
+        "linprobe",
+        fmnist_shards,
+        tmp_path / "e",
+        "init.from=none",
+        "model.name=mae_vit_demo_patch7",
+        "eval.holdout=0.0001",
+    )
+    assert result.returncode == 2
+    assert "eval.holdout=0.0001 of data.train's 960 samples holds out 0: choose a share" in result.stderr
+    assert not any((tmp_path / name).exists() for name in "abcde")
 
 
 def test_two_ranks_count_every_validation_sample_once(tmp_path, fmnist_shards, official_checkpoint):
@@ -182,10 +207,13 @@ def test_two_ranks_count_every_validation_sample_once(tmp_path, fmnist_shards, o
         f"init.from={official_checkpoint}",
         "data.num_workers=2",
         "schedule.epochs=1",
+        "eval.holdout=0",  # chosen on data.val itself, and said so
         *GREY,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert metrics(tmp_path / "run")["final"]["num_samples"] == 101
+    report = metrics(tmp_path / "run")
+    assert report["test"]["num_samples"] == 101 and report["evaluations"][-1]["num_samples"] == 101
+    assert report["test"]["chosen_on"] == "data.val itself (optimistic: eval.holdout=0)"
 
 
 def test_knn_on_frozen_features_of_a_checkpoint(tmp_path, fmnist_shards, official_checkpoint):

@@ -132,7 +132,7 @@ def test_a_linear_probe_reads_the_json_label_and_counts_each_val_sample_once_ove
         *GREY,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    final = json.loads((tmp_path / "probe" / "metrics.json").read_text())["final"]
+    final = json.loads((tmp_path / "probe" / "metrics.json").read_text())["test"]
     assert final["num_samples"] == COUNTS["val"]
 
 

@@ -116,7 +116,7 @@ def linprobe_run(run_dir, train, val, *overrides):
 def linprobe(run_dir, train, val, *overrides):
     result = linprobe_run(run_dir, train, val, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((run_dir / "metrics.json").read_text())["final"]
+    return json.loads((run_dir / "metrics.json").read_text())["test"]
 
 
 def test_linear_probe_on_remote_splits_equals_local(tmp_path, server, fmnist_shards):

@@ -85,7 +85,7 @@ def test_chain_pretrain_export_linprobe(slurm, tmp_path, fmnist_shards):
         assert slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED")) == "COMPLETED", slurm.log_tail()
     assert (root / "export" / "model.safetensors").is_file()
     metrics = json.loads((root / "linprobe" / "metrics.json").read_text())
-    assert metrics["final"]["num_samples"] == 250 and "mim export" in metrics["backbone"]
+    assert metrics["test"]["num_samples"] == 250 and "mim export" in metrics["backbone"]
 
 
 def test_two_tasks_pretrain_through_srun(slurm, tmp_path, fmnist_shards):

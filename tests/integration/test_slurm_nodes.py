@@ -202,7 +202,7 @@ def test_chain_pretrain_export_linprobe_across_two_nodes(two_nodes, tmp_path, fm
         assert meta["nodes"] == ["n1", "n2"], stage
     assert (root / "export" / "model.safetensors").is_file()
     metrics = json.loads((root / "linprobe" / "metrics.json").read_text())
-    assert metrics["final"]["num_samples"] == 250  # every val sample once across the two nodes
+    assert metrics["test"]["num_samples"] == 250  # every val sample once across the two nodes
 
 
 def test_resubmitted_on_one_node_the_run_continues_with_its_effective_batch(
