@@ -38,6 +38,12 @@ def images_to_show(shards: str, spec: ViewSpec, count: int) -> torch.Tensor:
     return torch.stack(images)
 
 
+def shown_name(source: Path) -> str:
+    """What a picture's heading calls its source: the run of a checkpoint dir, else the name."""
+    source = Path(source).resolve()
+    return source.parents[1].name if source.parent.name == "checkpoints" else source.name
+
+
 def image_key(args: argparse.Namespace, meta: dict) -> str:
     """--image-key, else the run's data.image_key, else the default."""
     return args.image_key or meta.get("config", {}).get("data", {}).get("image_key") or DEFAULT_IMAGE_KEY
@@ -65,7 +71,7 @@ def reconstructions(args: argparse.Namespace) -> str:
     )
     images = images_to_show(args.data or meta["config"]["data"]["train"], spec, args.num_images)
     mask_ratio = args.mask_ratio or meta["config"]["model"]["mask_ratio"]
-    what = f"{source.name}, step {meta['step']}"
+    what = f"{shown_name(source)}, step {meta['step']}"
     grid = reconstruction_grid(model, images, meta["mean"], meta["std"], mask_ratio, args.seed, what)
     save_png(grid, args.out)
     return f"{len(images)} images, step {meta['step']}, mask ratio {mask_ratio}, norm-pix {meta['norm_pix_loss']}"
@@ -103,7 +109,7 @@ def attention(args: argparse.Namespace) -> str:
     mode = "L" if weights.arch["in_chans"] == 1 else "RGB"
     spec = ViewSpec(weights.arch["img_size"], mode, image_key=image_key(args, meta))
     images = images_to_show(shards, spec, args.num_images)
-    what = Path(args.source).name + (f", step {meta['step']}" if "step" in meta else "")
+    what = shown_name(Path(args.source)) + (f", step {meta['step']}" if "step" in meta else "")
     save_png(attention_grid(encoder, images, mean, std, block, what), args.out)
     return f"{len(images)} images, block {block + 1} of {depth}, {weights.arch['num_heads']} heads"
 

@@ -168,13 +168,15 @@ class ClassifierTrainer(Trainer):
                 "top5": test["top5"][head],
                 "num_samples": test["num_samples"],
             }
+            blrs = self.description.get("head_blrs")
             log.info(
-                "%s: chose head %d at epoch %.2f (%.2f on %s); data.val top-1 %.2f  top-5 %.2f  (%d samples)",
+                "%s: chose head %d%s at epoch %.2f (%.2f on the selection split); "
+                "data.val top-1 %.2f  top-5 %.2f  (%d samples)",
                 self.stage,
                 head,
+                f" (blr {blrs[head]:g})" if blrs else "",
                 epoch,
                 result["top1"][head],
-                self.splits.select_name,
                 test["top1"][head],
                 test["top5"][head],
                 test["num_samples"],

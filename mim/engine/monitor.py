@@ -138,11 +138,14 @@ class KnnMonitor:
 def knn_chart(run_dir: Path, picture: Path) -> list[dict]:
     """The kNN top-1 of a run's monitor.json over the images seen, drawn as a chart; returns the
     evaluations (step, samples seen, top-1, top-5)."""
-    evaluations = json.loads((Path(run_dir) / MONITOR_FILE).read_text())["evaluations"]
+    monitor = json.loads((Path(run_dir) / MONITOR_FILE).read_text())
+    evaluations = monitor["evaluations"]
+    last = evaluations[-1]
     line_chart(
         {"kNN top-1 (monitor)": [(e["samples_seen"], e["top1"]) for e in evaluations]},
         picture,
-        "Online kNN accuracy of the MAE encoder during pretraining",
+        f"Online kNN top-1 during pretraining: run {Path(run_dir).name}, to step {last['step']} "
+        f"(k {monitor['k']}, bank {last['num_bank']}, val {last['num_val']})",
         "images seen",
         "top-1 %",
     )

@@ -54,7 +54,13 @@ def test_quick_demo_runs_every_stage_and_writes_results(tmp_path):
     assert maps.returncode == 0 and Image.open(tmp_path / "a.png").size == attention.size
     assert "block 4 of 4" in maps.stdout  # blocks are counted from 1 wherever a person reads them
     first = run_cli(
-        "visualize", str(out / "export"), "--attention", "--block", "1", "--out", str(tmp_path / "f.png")
+        "visualize",
+        str(out / "linprobe-mae"),
+        "--attention",
+        "--block",
+        "1",
+        "--out",
+        str(tmp_path / "f.png"),
     )
     assert first.returncode == 0 and "block 1 of 4" in first.stdout
     for block in ("5", "0"):
