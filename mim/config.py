@@ -52,6 +52,7 @@ class Declared:
     bounds: str | None = None  # ">= 1", "> 0", "[0, 1)", ...: each number of the value must lie there
     stages: tuple[str, ...] | None = None  # None: every stage whose schema has the key
     per_stage: dict[str, Any] | None = None
+    spellings: tuple[tuple[Any, Any], ...] = ()  # (as users write it, the value it means)
 
     def stage_default(self, stage: str, default: Any) -> Any:
         return (self.per_stage or {}).get(stage, default)
@@ -66,12 +67,13 @@ def key(
     stages: tuple[str, ...] | None = None,
     per_stage: dict[str, Any] | None = None,
     yaml_name: str | None = None,
+    spellings: tuple[tuple[Any, Any], ...] = (),
 ) -> Any:
     """A config key: its default, a one-line description and what it allows, in one place; the
     checks in `build` and the pages of `--help-config` and docs/config.md come from here."""
     if bounds is not None:
         _bounds_test(bounds)  # a malformed declaration fails at import, not on a user's value
-    metadata: dict[str, Any] = {"declared": Declared(doc, choices, bounds, stages, per_stage)}
+    metadata: dict[str, Any] = {"declared": Declared(doc, choices, bounds, stages, per_stage, spellings)}
     if yaml_name:
         metadata["yaml"] = yaml_name
     if isinstance(default, list):
@@ -144,10 +146,11 @@ class EncoderGeometry:
     mlp_ratio: float | None = key(None, "MLP hidden width / embed_dim; null: the variant's", bounds="> 0")
     grad_checkpointing: int = key(
         0,
-        "activation checkpointing: recompute every k-th block in backward (1: every block, of the "
-        "encoder and the decoder); 0: off",
+        "activation checkpointing: recompute every k-th block in backward (1 or true: every block, "
+        "of the encoder and the decoder); 0 or false: off",
         bounds=">= 0",
         stages=(PRETRAIN, FINETUNE),
+        spellings=((True, 1), (False, 0)),  # timm's and HF's set_grad_checkpointing(True)
     )
 
 
@@ -537,6 +540,7 @@ def build(schema: type, tree: dict[str, Any], where: str = "", stage: str | None
         if dataclasses.is_dataclass(annotation):
             kwargs[target.name] = build(annotation, value, dotted, stage)
         else:
+            value = _spelled(value, _declared(target).spellings)
             kwargs[target.name] = _check_type(value, annotation, dotted)
             check_declared(kwargs[target.name], _declared(target), dotted)
     for target in dataclasses.fields(schema):
@@ -548,6 +552,14 @@ def build(schema: type, tree: dict[str, Any], where: str = "", stage: str | None
         elif stage in (_declared(target).per_stage or {}):
             kwargs[target.name] = copy.deepcopy(_declared(target).per_stage[stage])
     return schema(**kwargs)
+
+
+def _spelled(value: Any, spellings: tuple[tuple[Any, Any], ...]) -> Any:
+    """The value a user's spelling means (true for 1, say); compared by type too, so 1 is not True."""
+    for written, meant in spellings:
+        if type(value) is type(written) and value == written:
+            return meant
+    return value
 
 
 def _declared(f: dataclasses.Field) -> Declared:

@@ -82,6 +82,19 @@ def test_integers_and_exponents_without_a_dot_are_accepted_as_floats():
     assert load_config(PretrainConfig, None, ["data.crop_scale=[5e-1, 1]"]).data.crop_scale == [0.5, 1.0]
 
 
+@pytest.mark.parametrize(("written", "meant"), [("true", 1), ("false", 0), ("2", 2), ("1", 1)])
+def test_grad_checkpointing_takes_timm_and_hf_spelling_true_and_false(written, meant):
+    config = load_config(PretrainConfig, None, [f"model.grad_checkpointing={written}"])
+    assert config.model.grad_checkpointing == meant and type(config.model.grad_checkpointing) is int
+
+
+def test_grad_checkpointing_refuses_other_words_and_negatives():
+    with pytest.raises(ConfigError, match="'model.grad_checkpointing' expects int, got 'every'"):
+        load_config(PretrainConfig, None, ["model.grad_checkpointing=every"])
+    with pytest.raises(ConfigError, match="'model.grad_checkpointing' must be >= 0, got -1"):
+        load_config(PretrainConfig, None, ["model.grad_checkpointing=-1"])
+
+
 def test_missing_or_cyclic_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(PretrainConfig, tmp_path / "nope.yaml", [])
