@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import yaml
 
 from mim.errors import UserInputError
+from mim.files import atomic_write_text
 from mim.resources import recipes, shipped
 
 DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp;bmp;gif;tif;tiff;ppm"  # data.image_key (mim.data.members)
@@ -691,10 +692,7 @@ def load_config(schema: type, path: str | Path | None, overrides: list[str]) -> 
 
 def write_config(config: Any, path: str | Path) -> None:
     """Writes the resolved config, atomically (a run dir never holds half a config)."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(yaml.safe_dump(to_tree(config), sort_keys=False))
-    temporary.replace(path)
+    atomic_write_text(path, yaml.safe_dump(to_tree(config), sort_keys=False))
 
 
 def require(condition: bool, message: str) -> None:

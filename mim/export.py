@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from mim import checkpoint
 from mim.errors import UserInputError
+from mim.files import atomic_path
 from mim.models.backbone import ENCODER_DROP_PREFIXES, timm_args, timm_name
 
 
@@ -127,6 +128,5 @@ def export(spec: str, out_dir: Path, dtype: str = "fp32", with_decoder: bool = F
 
 
 def _atomic_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(state, str(temporary), metadata=metadata)
-    temporary.replace(path)
+    with atomic_path(path) as temporary:
+        save_file(state, str(temporary), metadata=metadata)

@@ -27,6 +27,7 @@ from mim.data.indexes import INDEX_FILES, parse_index, split_of, stats_count, st
 from mim.data.reading import DEFAULT_READ, ReadPolicy, ShardUnreadable, is_remote, read_bytes, stream_samples
 from mim.data.sources import Record, Source
 from mim.errors import UserInputError
+from mim.files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,8 @@ def downscaled(payload: bytes, extension: str, max_size: int, name: str = "") ->
 
 
 def _write_one_shard(path: Path, records: list[Record], indices: list[int], max_size: int | None) -> int:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as stream:
+    # a shard under its final name is always complete
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
         # an integer mtime: no PAX header per member (faster to read) and byte-identical reruns
         writer = wds.TarWriter(stream, encoder=False, mtime=0)
         for index in indices:
@@ -109,7 +110,6 @@ def _write_one_shard(path: Path, records: list[Record], indices: list[int], max_
                 sample["cls"] = str(record.label).encode()
             writer.write(sample)
         writer.close()
-    temporary.replace(path)  # a shard under its final name is always complete
     return len(indices)
 
 
@@ -176,9 +176,7 @@ def _claim(out_dir: Path, name: str, **options: int | None) -> None:
                 f"({described}): write them to another --out, or delete {out_dir} first"
             )
         return
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(options))
-    temporary.replace(path)
+    atomic_write_text(path, json.dumps(options))
 
 
 def write_info(
@@ -199,9 +197,7 @@ def write_info(
         },
     }
     path = out_dir / INDEX_FILES[0]
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(info, indent=1))
-    temporary.replace(path)
+    atomic_write_text(path, json.dumps(info, indent=1))
     return path
 
 

@@ -22,6 +22,7 @@ from mim.data.streams import ViewSpec, derived_seed, eval_spec
 from mim.distributed import DistEnv, all_reduce_sum
 from mim.engine.evaluate import EvaluationSplits, evaluate, extract_features, top_k_counts
 from mim.engine.trainer import Trainer
+from mim.files import atomic_write_text
 from mim.runtime import StopSignal
 
 log = logging.getLogger(__name__)
@@ -230,10 +231,7 @@ class ClassifierTrainer(Trainer):
     def write_metrics(self) -> None:
         self.summarize(self.metrics, before=self.step + 1)
         if self.env.is_main:
-            path = Path(self.run_dir) / METRICS_FILE
-            temporary = path.with_name(path.name + ".tmp")
-            temporary.write_text(json.dumps(self.metrics, indent=1))
-            temporary.replace(path)
+            atomic_write_text(Path(self.run_dir) / METRICS_FILE, json.dumps(self.metrics, indent=1))
 
     def meta(self) -> dict:
         return dict(

@@ -24,6 +24,7 @@ from mim.config import MonitorConfig
 from mim.data.streams import ViewSpec
 from mim.distributed import DistEnv
 from mim.engine.evaluate import KnnSplits, knn_evaluate
+from mim.files import atomic_write_text
 from mim.models.mae import MaskedAutoencoderViT
 from mim.pictures import line_chart
 
@@ -130,9 +131,7 @@ class KnnMonitor:
             "val_samples": self.config.val_samples,
             "evaluations": self.evaluations,
         }
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(json.dumps(document, indent=1))
-        temporary.replace(self.path)
+        atomic_write_text(self.path, json.dumps(document, indent=1))
 
 
 def knn_chart(run_dir: Path, picture: Path) -> list[dict]:
