@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from mim.engine.deepspeed_engine import REDUCE_BUCKET
+from mim.engine.deepspeed_engine import REDUCE_BUCKET, model_states
 from mim.models.checkpointing import checkpoint_blocks
 from mim.models.mae import MaskedAutoencoderViT
 
@@ -280,22 +280,14 @@ def _counts(arch: tuple, pred_dim: int | None) -> tuple[int, int, int]:
 def plan(setup: Setup) -> Plan:
     trained, frozen, whole = _param_counts(setup)
     world, stage = setup.world_size, setup.zero_stage
-    moments = 8 if setup.optimizer == "adamw" else 4
-    if stage < 3:
-        parameters = 4.0 * (trained + frozen)
-    else:
-        # Slices of the large tensors, the small ones whole, and the tensors gathered for the step:
+    parameters, gradients, optimizer = model_states(trained, world, stage, setup.optimizer, frozen)
+    if stage == 3:
+        # The tensors that stay whole on every process, and those gathered for the step:
         # DeepSpeed releases a gathered tensor only when it is not used again within
         # max_reuse_distance values (1e9: a forward's tensors stay for backward), and holds at
         # most max_live_parameters of them.
         gathered = min(MAX_LIVE_PARAMETERS, trained + frozen - whole)
-        parameters = 4.0 * ((trained + frozen - whole) / world + whole + gathered)
-    if stage == 0:
-        gradients, optimizer = 4.0 * trained, float(moments * trained)
-    elif stage == 1:
-        gradients, optimizer = 4.0 * trained + 4.0 * trained / world, (4.0 + moments) * trained / world
-    else:
-        gradients, optimizer = 4.0 * trained / world, (4.0 + moments) * trained / world
+        parameters += 4.0 * (whole * (1 - 1 / world) + gathered)
     # The gradient-reduction bucket, allocated whole (mim sizes it to the model where the model
     # is smaller: mim.engine.deepspeed_engine.zero_optimization). Stage 3 on several processes
     # also all-gathers the weights a forward is about to use ahead of time, into buffers of up to

@@ -60,19 +60,28 @@ MODEL_STATE_SHARE = 0.5  # of device memory for weights, gradients and optimizer
 # is for activations, communication buckets and the allocator's slack
 
 
-def model_state_bytes(num_params: int, world_size: int, stage: int, optimizer: str = "adamw") -> float:
-    """Per process: fp32 weights (4 bytes a parameter), fp32 gradients (4) and optimizer state
-    (AdamW's two moments 8, LARS's momentum 4); stage 1 partitions the optimizer state over the
-    processes, stage 2 the gradients too, stage 3 the weights too (DeepSpeed keeps an fp32 copy
-    of the partitioned weights at stages 1 to 3: counted in the optimizer state's share)."""
-    optimizer_bytes = 8 if optimizer == "adamw" else 4
+def model_states(
+    num_params: int, world_size: int, stage: int, optimizer: str = "adamw", frozen: int = 0
+) -> tuple[float, float, float]:
+    """Per process, in bytes: (weights, gradients, optimizer state) of `num_params` trained and
+    `frozen` frozen parameters, all fp32; the one model of them, which `zero_stage: auto` and
+    `mim plan` both use. Optimizer state: AdamW's two moments (8 bytes a parameter) or LARS's
+    momentum (4), plus DeepSpeed's fp32 master copy of the partitioned weights from stage 1 (4).
+    Stage 1 partitions the optimizer state and keeps the whole gradients plus its partition of
+    them in fp32 for the step; stage 2 partitions the gradients; stage 3 the weights too."""
+    moments = 8 if optimizer == "adamw" else 4
+    weights = 4.0 * (num_params + frozen) / (world_size if stage == 3 else 1)
     if stage == 0:
-        return num_params * (4 + 4 + optimizer_bytes)
+        return weights, 4.0 * num_params, float(moments * num_params)
+    optimizer_state = (4.0 + moments) * num_params / world_size
     if stage == 1:
-        return num_params * (4 + 4 + (4 + optimizer_bytes) / world_size)
-    if stage == 2:
-        return num_params * (4 + (4 + 4 + optimizer_bytes) / world_size)
-    return num_params * (4 + 4 + 4 + optimizer_bytes) / world_size
+        return weights, 4.0 * num_params * (1 + 1 / world_size), optimizer_state
+    return weights, 4.0 * num_params / world_size, optimizer_state
+
+
+def model_state_bytes(num_params: int, world_size: int, stage: int, optimizer: str = "adamw") -> float:
+    """Per process: the weights, gradients and optimizer state of `model_states`, together."""
+    return sum(model_states(num_params, world_size, stage, optimizer))
 
 
 def device_memory_bytes() -> int:
