@@ -5,7 +5,7 @@
     python benchmarks/checkpoint_io.py --models mae_vit_base_patch16 --rounds 5 --dir /shared/fs/tmp
 
 Per model, with its AdamW state (after one step, ZeRO stage 0, one process), interleaved rounds of:
-- mim: `checkpoint.save` as training calls it (every file summed as it is written, the manifest),
+- mim: `checkpointer.save` as training calls it (every file summed as it is written, the manifest),
   with the time spent inside the checksum's `update` calls added up: what the summing costs;
 - plain: the files as mim wrote them before manifests (DeepSpeed's own save, torch.save,
   safetensors' save_file, meta.json), the reference the checksums' cost is set against;
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mim import checkpoint  # noqa: E402
 from mim.distributed import init_distributed, read_dist_env  # noqa: E402
-from mim.engine import portable  # noqa: E402
+from mim.engine import checkpointer, portable  # noqa: E402
 from mim.engine.deepspeed_engine import EngineSettings, build_engine  # noqa: E402
 from mim.engine.optim import param_groups  # noqa: E402
 from mim.engine.step import StepRunner  # noqa: E402
@@ -85,7 +85,7 @@ def trained_engine(name: str, device: torch.device):
 
 def mim_save(engine, run_dir: Path, step: int) -> Path:
     rank_state = {"rng": checkpoint.rng_state(), "positions": {}}
-    return checkpoint.save(engine, run_dir, step, 0, rank_state, {"stage": "pretrain"}, 1000, lambda: None)
+    return checkpointer.save(engine, run_dir, step, 0, rank_state, {"stage": "pretrain"}, 1000, lambda: None)
 
 
 def plain_save(engine, run_dir: Path, step: int) -> Path:
@@ -129,7 +129,7 @@ def measure(name: str, rounds: int, root: Path, device: torch.device) -> dict:
                 )
                 times["load"].append(timed(load)[0])
                 move = lambda directory=directory: portable.load_into(  # noqa: E731
-                    engine, checkpoint.load_weights(directory), checkpoint.optimizer_state(directory)
+                    engine, checkpoint.load_weights(directory), checkpointer.optimizer_state(directory)
                 )
                 times["move"].append(timed(move)[0])
             shutil.rmtree(run_dir)

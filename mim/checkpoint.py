@@ -1,5 +1,7 @@
-"""The one module that knows the checkpoint layout and run state: save, verify, resolve, load
-(restore a resume, weights for the other stages), consolidate and prune; the stages ask it.
+"""The checkpoint format, the one module that knows it: the layout, names, manifest and
+verification, meta, the weights and per-rank state files, resolving, consolidating and pruning.
+It knows no engine: saving from a DeepSpeed engine and restoring into one are
+mim.engine.checkpointer's, through what this module defines.
 
     RUN_DIR/checkpoints/step-00001000/      one complete checkpoint
         mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's files (engine.save_checkpoint;
@@ -26,7 +28,6 @@ manifests (meta.json without `integrity`) load unverified, with a warning.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import platform
@@ -35,15 +36,14 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import xxhash
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from mim.engine.deepspeed_engine import full_state_dict
 from mim.errors import TrainingStopped, UserInputError
 
 log = logging.getLogger(__name__)
@@ -91,14 +91,14 @@ class _SummingWriter:
         return {"bytes": self.size, CHECKSUM: self.sum.hexdigest()}
 
 
-def _write_summed(path: Path, write: Callable[[Any], None]) -> dict[str, Any]:
+def write_summed(path: Path, write: Callable[[Any], None]) -> dict[str, Any]:
     with open(path, "wb") as handle:
         writer = _SummingWriter(handle)
         write(writer)
         return writer.entry()
 
 
-def _file_entry(path: Path) -> dict[str, Any]:
+def file_entry(path: Path) -> dict[str, Any]:
     summed, size = xxhash.xxh3_128(), 0
     buffer = bytearray(READ_CHUNK)
     with open(path, "rb", buffering=0) as handle:
@@ -106,33 +106,6 @@ def _file_entry(path: Path) -> dict[str, Any]:
             summed.update(memoryview(buffer)[:count])
             size += count
     return {"bytes": size, CHECKSUM: summed.hexdigest()}
-
-
-class _SummingCheckpointEngine:
-    """Stands in for DeepSpeed's checkpoint engine during a save: its files go through torch.save
-    into a summing writer, so each is summed as it is written."""
-
-    def __init__(self, inner: Any, sums: dict[str, dict]) -> None:
-        self.inner, self.sums = inner, sums
-
-    def save(self, state_dict: Any, path: str) -> None:
-        zipped = getattr(self.inner, "zipfile_serialization", True)
-        self.sums[Path(path).name] = _write_summed(
-            Path(path), lambda f: torch.save(state_dict, f, _use_new_zipfile_serialization=zipped)
-        )
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-@contextlib.contextmanager
-def _summing(engine: Any, sums: dict[str, dict]) -> Iterator[None]:
-    inner = engine.checkpoint_engine
-    engine.checkpoint_engine = _SummingCheckpointEngine(inner, sums)
-    try:
-        yield
-    finally:
-        engine.checkpoint_engine = inner
 
 
 def _manifest_sum(files: dict[str, dict]) -> str:
@@ -183,7 +156,7 @@ def verify(checkpoint: Path, names: list[str] | None = None) -> bool:
             raise DamagedCheckpoint(
                 f"{path} is {size} bytes, the manifest says {expected['bytes']} (truncated or overwritten)"
             )
-        if _file_entry(path)[CHECKSUM] != expected[CHECKSUM]:
+        if file_entry(path)[CHECKSUM] != expected[CHECKSUM]:
             raise DamagedCheckpoint(f"{path} does not match its checksum in the manifest: its bytes changed")
     return True
 
@@ -341,7 +314,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_rank_state(directory: Path, rank: int, state: dict[str, Any]) -> dict[str, dict]:
     name = f"rank-{rank:05d}.pt"
-    return {name: _write_summed(directory / name, lambda f: torch.save(state, f))}
+    return {name: write_summed(directory / name, lambda f: torch.save(state, f))}
 
 
 def load_rank_state(checkpoint: Path, rank: int) -> dict[str, Any] | None:
@@ -351,63 +324,7 @@ def load_rank_state(checkpoint: Path, rank: int) -> dict[str, Any] | None:
     return torch.load(path, weights_only=True)  # verified with the rest by `newest_intact`
 
 
-# ----------------------------------------------------------------------------- save / retain
-
-
-def save(
-    engine: Any,
-    run_dir: Path,
-    step: int,
-    rank: int,
-    rank_state: dict[str, Any],
-    meta: dict[str, Any],
-    keep_last: int,
-    barrier: Callable[[], None],
-    gather: Callable[[Any], list] = lambda value: [value],
-    shared: dict[str, dict[str, torch.Tensor]] | None = None,
-) -> Path:
-    """Saves a complete checkpoint; every rank calls it (`barrier`, `gather`: the process group's;
-    `shared`: tensors by file name that every rank holds alike, written once, by rank 0).
-    Returns the final directory. A failed write (disk full, quota) leaves the previous checkpoints
-    as they were."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    temporary = root / temporary_name(step)
-    final = root / step_name(step)
-    if rank == 0:
-        shutil.rmtree(temporary, ignore_errors=True)
-    barrier()
-    sums: dict[str, dict] = {}
-    try:
-        with _summing(engine, sums):
-            engine.save_checkpoint(str(root), tag=temporary.name, save_latest=False)
-        sums.update(save_rank_state(temporary, rank, rank_state))
-        weights = full_state_dict(engine, rank)  # every rank: at ZeRO 3 it gathers the partitions
-        if rank == 0:
-            save_file(weights, str(temporary / WEIGHTS_FILE))  # 10x faster than safetensors' bytes + write
-            sums[WEIGHTS_FILE] = _file_entry(temporary / WEIGHTS_FILE)  # read back from the page cache
-            for name, tensors in (shared or {}).items():
-                save_file(tensors, str(temporary / f"{name}.safetensors"))
-                sums[f"{name}.safetensors"] = _file_entry(temporary / f"{name}.safetensors")
-            meta = dict(meta, step=step, versions=versions(), git_sha=git_sha(), integrity=MANIFEST_FILE)
-            text = json.dumps(meta, indent=1, default=str).encode()
-            sums[META_FILE] = _write_summed(temporary / META_FILE, lambda f: f.write(text))
-        every_rank = gather(sums)
-        if rank == 0:
-            write_manifest(temporary, {name: entry for part in every_rank for name, entry in part.items()})
-    except (OSError, RuntimeError) as error:  # DeepSpeed reports a failed torch.save as RuntimeError
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise TrainingStopped(
-            f"could not write the checkpoint of step {step} to {temporary}: {error}; "
-            f"the last complete checkpoint, {latest_checkpoint(run_dir)}, is untouched"
-        ) from error
-    barrier()
-    if rank == 0:
-        if final.exists():  # a checkpoint of the same step from before a crash: replace it
-            shutil.rmtree(final)
-        temporary.rename(final)
-        prune(run_dir, keep_last)
-    barrier()
-    return final
+# ----------------------------------------------------------------------------- retain
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
@@ -453,47 +370,3 @@ def consolidated_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         master = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
         state.update({k: v.float().contiguous() for k, v in master.items()})
     return state
-
-
-# ----------------------------------------------------------------------------- resume
-
-
-def restore(engine: Any, checkpoint: Path, meta: dict[str, Any], stage: int, world_size: int) -> None:
-    """Loads a verified checkpoint into `engine` (ZeRO `stage` on `world_size` processes; every rank
-    calls it): DeepSpeed's own load where the files were written for this stage and process count
-    (or at stage 0, whose files hold everything), else the weights and the per-parameter AdamW state
-    moved into this engine (mim.engine.portable)."""
-    from mim.engine import portable
-
-    configured = meta.get("config", {}).get("deepspeed", {}).get("zero_stage", 1)
-    written = meta.get("engine", {}).get("zero_stage", configured)  # older: the stage configured
-    written_world = meta.get("world_size", world_size)
-    if (written, written_world) == (stage, world_size) or written == stage == 0:
-        engine.load_checkpoint(
-            str(checkpoint.parent),
-            tag=checkpoint.name,
-            load_module_strict=True,
-            load_lr_scheduler_states=False,
-        )
-        return
-    log.warning(
-        "moving the optimizer state of %s from ZeRO stage %d on %d process(es) to stage %d on %d",
-        checkpoint,
-        written,
-        written_world,
-        stage,
-        world_size,
-    )
-    portable.load_into(engine, load_weights(checkpoint), optimizer_state(checkpoint))
-
-
-def optimizer_state(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The AdamW state per parameter name of a checkpoint written at any stage by any number of
-    processes (mim.engine.portable), from DeepSpeed's files (verified on resume)."""
-    from mim.engine import portable
-
-    checkpoint = Path(checkpoint)
-    states = checkpoint / MODEL_STATES_FILE
-    if not states.is_file():
-        states = checkpoint / PARTITIONED_MODEL_STATES_FILE
-    return portable.optimizer_state(states, zero_shards(checkpoint))

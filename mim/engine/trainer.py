@@ -25,6 +25,7 @@ from mim.data.shards import ShardSet
 from mim.data.streams import StreamPosition, TrainStream, ViewSpec, train_loader
 from mim.data.transforms import normalize_on_device
 from mim.distributed import DistEnv, all_reduce_sum, any_rank, barrier, gather_objects
+from mim.engine import checkpointer
 from mim.engine.deepspeed_engine import (
     EngineSettings,
     build_engine,
@@ -253,7 +254,7 @@ class Trainer:
             "rng": checkpoint.rng_state(),
             "stream": self.position.state_dict(),
         }
-        path = checkpoint.save(
+        path = checkpointer.save(
             self.engine,
             self.run_dir,
             self.step,
@@ -275,7 +276,7 @@ class Trainer:
             return False
         meta = checkpoint.read_meta(latest)
         self.check_resumable(meta, latest)
-        checkpoint.restore(
+        checkpointer.restore(
             self.engine, latest, meta, self.engine_settings.resolved_zero_stage, self.env.world_size
         )
         self.step = self.saved_step = int(meta["step"])

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mim import checkpoint
 from mim.distributed import init_distributed, read_dist_env
-from mim.engine import portable
+from mim.engine import checkpointer, portable
 from mim.engine.deepspeed_engine import EngineSettings, build_engine, full_state_dict
 from mim.engine.optim import param_groups
 from mim.models import create_model
@@ -71,7 +71,7 @@ def test_the_adamw_moments_land_exactly_on_one_process_at_any_stage(
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     source = checkpoint.latest_checkpoint(two_rank_runs[written])
-    moved, weights = checkpoint.optimizer_state(source), checkpoint.load_weights(source)
+    moved, weights = checkpointer.optimizer_state(source), checkpoint.load_weights(source)
     model = create_model("mae_vit_debug", img_size=28, patch_size=7, in_chans=1)
     size = sum(p.numel() for p in model.parameters())
     settings = EngineSettings(8, 2, 1, stage, "fp32", None, num_params=size)  # batch 8 x 2 on 1 process

@@ -24,8 +24,6 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
 # fails the test. (importer, imported)
 KNOWN_UPWARD = {
     ("mim.models.backbone", "mim.checkpoint"),  # reading a run's weights: belongs above the format
-    ("mim.checkpoint", "mim.engine.deepspeed_engine"),  # saving from an engine: belongs in the engine
-    ("mim.checkpoint", "mim.engine"),  # restoring into an engine (portable): belongs in the engine
 }
 
 
