@@ -45,6 +45,7 @@ import xxhash
 from safetensors.torch import load_file
 
 from mim.errors import TrainingStopped, UserInputError
+from mim.models.arch import ARCH_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ MANIFEST_FILE = "manifest.json"
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's (weights at stage 0 also the optimizer)
 PARTITIONED_MODEL_STATES_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # DeepSpeed's at ZeRO 3
 _ZERO_SHARD = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # DeepSpeed's, ZeRO 1-3
-ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
 CHECKSUM = (
     "xxh3_128"  # ~17 GB/s on one core: a few % of a checkpoint's write time (benchmarks/checkpoint_io.py)
 )

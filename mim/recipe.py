@@ -24,9 +24,11 @@ from mim.data.reading import ReadPolicy, ShardUnreadable
 from mim.data.shards import ShardSet, open_shards, with_lengths
 from mim.data.streams import spread_subset
 from mim.engine.evaluate import EvaluationSplits, KnnSplits
-from mim.models.backbone import ARCH_KEYS, Weights, load_weights
+from mim.models.arch import ARCH_KEYS
+from mim.models.backbone import Weights
 from mim.models.registry import model_args
 from mim.models.targets import hog_cell
+from mim.weights import load_weights
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from mim.config import PretrainConfig, load_config
 from mim.engine.pretrainer import Pretrainer
-from mim.models.backbone import load_weights
 from mim.recipe import check_init, check_monitor, check_pretrain
+from mim.weights import load_weights
 from pipelines.common import config_parser, reports_user_errors, started_run
 from pipelines.requeue import requeue_if_stopped
 

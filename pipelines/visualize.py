@@ -23,9 +23,10 @@ from mim.data.streams import ViewSpec, first_images
 from mim.errors import UserInputError
 from mim.models import create_model
 from mim.models.attention import check_block
-from mim.models.backbone import create_vit, load_encoder, load_weights
+from mim.models.backbone import create_vit, load_encoder
 from mim.pictures import save_png
 from mim.visualize import attention_grid, reconstruction_grid
+from mim.weights import load_weights
 from pipelines.common import reports_user_errors
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])

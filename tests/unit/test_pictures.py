@@ -12,9 +12,10 @@ from PIL import Image
 
 from mim.models import create_model
 from mim.models.attention import check_block, cls_attention
-from mim.models.backbone import create_vit, load_encoder, load_weights
+from mim.models.backbone import create_vit, load_encoder
 from mim.pictures import heat_colours, line_chart, nice_ticks, tick_labels, titled_grid
 from mim.visualize import RECONSTRUCTION_TITLES, attention_grid, overlay, reconstruction_grid
+from mim.weights import load_weights
 
 
 @pytest.fixture
