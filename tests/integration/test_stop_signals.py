@@ -156,6 +156,7 @@ def test_sigterm_inside_an_evaluation_stops_within_seconds(tmp_path, server, fmn
         "schedule.epochs=1",
         "probe.cache_features=false",
         "data.read_retries=0",
+        "eval.holdout=0",  # every evaluation reads data.val, behind the silent server
     )
     wait_for_line(process, log_path, "linprobe step 30/")  # the last step: the evaluation follows
     time.sleep(2.0)
