@@ -157,6 +157,21 @@ def test_same_seed_gives_the_same_probe_and_another_seed_does_not(tmp_path, fmni
     assert runs["a"] != runs["c"]
 
 
+def test_a_resumed_probe_holds_out_the_same_samples_and_makes_the_same_choice(tmp_path, fmnist_shards):
+    """Stopped after its first evaluation and resumed, a probe trains on the same samples, evaluates
+    the same held-out ones and reports the same choice as one that ran straight through."""
+    common = ("init.from=none", "model.name=mae_vit_demo_patch7")
+    straight = classify("linprobe", fmnist_shards, tmp_path / "straight", *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = classify("linprobe", fmnist_shards, tmp_path / "resumed", *common, "run.stop_after=40")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(metrics(tmp_path / "resumed")["evaluations"]) == 1  # the first epoch's, at step 29
+    second = classify("linprobe", fmnist_shards, tmp_path / "resumed", *common)
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
+    expected, got = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert got["evaluations"] == expected["evaluations"] and got["test"] == expected["test"]
+
+
 def test_wrong_checkpoints_fail_clearly_before_work(tmp_path, fmnist_shards):
     not_a_vit = tmp_path / "other.pth"
     torch.save({"model": {"conv1.weight": torch.zeros(3, 3)}}, not_a_vit)
