@@ -102,12 +102,15 @@ def started_run(run_dir: Path, config: Any) -> Iterator[tuple[DistEnv, torch.dev
         except RunDirBusy as error:
             busy = error
     if any_rank(busy is not None, device):
-        shutdown()
+        shutdown(clean=False)
         raise busy or RunDirBusy(f"run dir {run_dir} is in use by another job")
     try:
         if env.is_main:
             write_config(config, run_dir / "config.yaml")
         yield env, device, stop
-    finally:
+    except BaseException:
         lock.release()
-        shutdown()
+        shutdown(clean=False)
+        raise
+    lock.release()
+    shutdown()
