@@ -17,4 +17,4 @@ test: setup-test
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadfile tests
 
 lint: setup
-	$(VENV)/bin/ruff check mim pipelines tests benchmarks
+	$(VENV)/bin/ruff check mim pipelines tests benchmarks examples

@@ -40,6 +40,7 @@ from mim.engine import checkpointer, portable  # noqa: E402
 from mim.engine.deepspeed_engine import EngineSettings, build_engine  # noqa: E402
 from mim.engine.optim import param_groups  # noqa: E402
 from mim.engine.step import StepRunner  # noqa: E402
+from mim.meta import CheckpointMeta  # noqa: E402
 from mim.models import create_model  # noqa: E402
 
 MODELS = ["mae_vit_debug", "mae_vit_demo_patch7", "mae_vit_base_patch16"]
@@ -85,7 +86,7 @@ def trained_engine(name: str, device: torch.device):
 
 def mim_save(engine, run_dir: Path, step: int) -> Path:
     rank_state = {"rng": checkpoint.rng_state(), "positions": {}}
-    return checkpointer.save(engine, run_dir, step, 0, rank_state, {"stage": "pretrain"}, 1000, lambda: None)
+    return checkpointer.save(engine, run_dir, step, 0, rank_state, CheckpointMeta("pretrain", {}), 1000, lambda: None)
 
 
 def plain_save(engine, run_dir: Path, step: int) -> Path:

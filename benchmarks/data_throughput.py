@@ -38,9 +38,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mim.data.loaders import train_loader  # noqa: E402
 from mim.data.shards import open_shards, write_shards  # noqa: E402
 from mim.data.sources import IMAGE_EXTENSIONS, image_folder  # noqa: E402
-from mim.data.streams import EvalStream, TrainStream, ViewSpec, train_loader  # noqa: E402
+from mim.data.streams import EvalStream, TrainStream, ViewSpec  # noqa: E402
 from mim.data.transforms import normalize_on_device  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -152,7 +153,7 @@ def mim_train_stream(shards: str, batch: int, rank: int = 0) -> TrainStream:
 def mim_per_worker(shards: str, train: bool, count: int) -> float:
     if train:
         stream = mim_train_stream(shards, 16)
-        return rate((batch["images"] for batch in stream), count)
+        return rate((batch.images for batch in stream), count)
     stream = EvalStream(open_shards(shards), ViewSpec(224, "RGB"), 0, 1, crop_fraction=224 / 256)
     return rate((image for image, _, _ in stream), count)
 
@@ -190,7 +191,7 @@ def end_to_end_official(folder: Path, workers: int, batch: int, count: int) -> t
 
 def end_to_end_mim(shards: str, workers: int, batch: int, count: int) -> tuple[float, float]:
     loader = train_loader(mim_train_stream(shards, batch), workers)
-    batches = (normalize_on_device(b["images"], MEAN, STD) for b in loader)
+    batches = (normalize_on_device(b.images, MEAN, STD) for b in loader)
     return steady_state(batches, 2 * workers, count)
 
 

@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mim.data.loaders import eval_loader  # noqa: E402
 from mim.data.shards import ShardSet, open_shards, with_lengths, write_shards  # noqa: E402
 from mim.data.sources import fashion_mnist  # noqa: E402
-from mim.data.streams import EvalStream, ViewSpec, eval_loader, spread_subset  # noqa: E402
+from mim.data.streams import EvalStream, ViewSpec, spread_subset  # noqa: E402
 from mim.data.transforms import normalize_on_device  # noqa: E402
 from mim.distributed import read_dist_env  # noqa: E402
 from mim.engine.evaluate import KnnSplits, knn_evaluate  # noqa: E402

@@ -45,7 +45,7 @@ import xxhash
 from safetensors.torch import load_file
 
 from mim.errors import TrainingStopped, UserInputError
-from mim.models.arch import ARCH_KEYS
+from mim.meta import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -243,14 +243,13 @@ def zero_shards(checkpoint: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def architecture(meta: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """(the backbone's architecture, its global pool) as a checkpoint's meta.json records them."""
-    if meta["stage"] == "pretrain":
-        return {key: meta["model"]["arch"][key] for key in ARCH_KEYS}, "token"
-    return dict(meta["backbone"]["arch"]), meta.get("global_pool", "token")
+def load_meta(checkpoint: Path) -> CheckpointMeta:
+    """A checkpoint's meta.json, typed (any version mim wrote)."""
+    return CheckpointMeta.from_json(read_meta(checkpoint))
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json as written (mim.meta.CheckpointMeta is the typed view)."""
     path = Path(checkpoint) / META_FILE
     try:
         return json.loads(path.read_text())

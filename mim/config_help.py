@@ -12,10 +12,9 @@ KNN_SECTIONS = ("model", "init", "data", "eval")
 
 
 def allowed(info: KeyInfo) -> str:
-    declared = info.declared
-    if declared.choices is not None:
-        return " | ".join(shown(c) for c in declared.choices)
-    return declared.bounds or ""
+    if info.choices is not None:
+        return " | ".join(shown(c) for c in info.choices)
+    return info.declared.bounds or ""
 
 
 def console_page(stage: str) -> str:

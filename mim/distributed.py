@@ -182,11 +182,9 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
 
 
-def shutdown(clean: bool = True) -> None:
-    """Destroys the process group. On a clean exit every rank first meets at a barrier, so no rank
-    closes its connections while a peer still receives from it (gloo aborts the process then); after
-    a failure the peers may be gone, so there is no barrier."""
+def shutdown() -> None:
+    """Destroys the process group. No barrier here: after a stop or a failure a peer may be blocked
+    or gone. Where every rank is known to be alive, `barrier()` first, so that no rank closes its
+    connections while a peer still receives from it (gloo then aborts the process)."""
     if dist.is_initialized():
-        if clean:
-            dist.barrier()
         dist.destroy_process_group()

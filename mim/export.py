@@ -17,12 +17,14 @@ from safetensors.torch import save_file
 from mim import checkpoint
 from mim.errors import UserInputError
 from mim.files import atomic_path
+from mim.meta import CheckpointMeta
 from mim.models.backbone import ENCODER_DROP_PREFIXES, timm_args, timm_name
 
 
-def split_state(state: dict[str, torch.Tensor], stage: str) -> tuple[dict, dict]:
-    """(encoder in timm names without any classifier head, decoder) of a stage's model state."""
-    if stage == "linprobe":
+def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(encoder in timm names without any classifier head, decoder) of a stage's model state (a
+    linear probe's backbone is under `backbone.`)."""
+    if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     decoder = {k: v for k, v in state.items() if k.startswith(ENCODER_DROP_PREFIXES)}
     encoder = {
@@ -58,13 +60,13 @@ def timm_config(
 
 
 def model_card(
-    config: dict[str, Any], meta: dict[str, Any], source: Path, dtype: str, with_decoder: bool
+    config: dict[str, Any], meta: CheckpointMeta, source: Path, dtype: str, with_decoder: bool
 ) -> str:
-    run_config = meta.get("config", {})
-    metrics = meta.get("metrics") or {}
+    run_config, extra = meta.config, meta.extra
+    metrics = extra.get("metrics") or {}
     evaluation = f"top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f}" if metrics else "none"
     lines = [
-        f"# {config['architecture']} (mim {meta['stage']} backbone)",
+        f"# {config['architecture']} (mim {meta.stage} backbone)",
         "",
         "Load with timm (no mim needed):",
         "",
@@ -78,18 +80,18 @@ def model_card(
         "| provenance | |",
         "|---|---|",
         f"| exported from | `{source}` |",
-        f"| stage | {meta['stage']} |",
-        f"| training data | `{meta.get('data', {}).get('train')}` ({meta.get('data', {}).get('num_samples')} samples) |",
-        f"| steps | {meta.get('step')} |",
-        f"| samples seen | {meta.get('samples_seen')} |",
-        f"| final training loss | {meta.get('last_loss')} |",
-        f"| norm-pix loss | {meta.get('norm_pix_loss', run_config.get('model', {}).get('norm_pix_loss'))} |",
+        f"| stage | {meta.stage} |",
+        f"| training data | `{meta.data.get('train')}` ({meta.data.get('num_samples')} samples) |",
+        f"| steps | {meta.step} |",
+        f"| samples seen | {meta.samples_seen} |",
+        f"| final training loss | {meta.last_loss} |",
+        f"| norm-pix loss | {extra.get('norm_pix_loss', run_config.get('model', {}).get('norm_pix_loss'))} |",
         f"| mask ratio | {run_config.get('model', {}).get('mask_ratio')} |",
         f"| evaluation | {evaluation} |",
         f"| weights dtype | {dtype} |",
         f"| decoder | {'decoder.safetensors' if with_decoder else 'not exported'} |",
-        f"| git sha | {meta.get('git_sha')} |",
-        f"| versions | {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())} |",
+        f"| git sha | {extra.get('git_sha')} |",
+        f"| versions | {', '.join(f'{k} {v}' for k, v in extra.get('versions', {}).items())} |",
     ]
     return "\n".join(lines) + "\n"
 
@@ -98,12 +100,12 @@ def export(spec: str, out_dir: Path, dtype: str = "fp32", with_decoder: bool = F
     if dtype not in ("fp32", "bf16"):
         raise UserInputError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     source = checkpoint.resolve(spec)
-    meta = checkpoint.read_meta(source)
-    encoder, decoder = split_state(checkpoint.consolidated_weights(source), meta["stage"])
+    meta = checkpoint.load_meta(source)
+    encoder, decoder = split_state(checkpoint.consolidated_weights(source))
     if with_decoder and not decoder:
-        raise UserInputError(f"{source} is a {meta['stage']} checkpoint: it has no decoder to export")
-    arch, global_pool = checkpoint.architecture(meta)
-    run_config = meta.get("config", {}).get("data", {})
+        raise UserInputError(f"{source} is a {meta.stage} checkpoint: it has no decoder to export")
+    arch, global_pool = meta.architecture()
+    run_config = meta.config.get("data", {})
     config = timm_config(
         arch,
         global_pool,
@@ -112,7 +114,7 @@ def export(spec: str, out_dir: Path, dtype: str = "fp32", with_decoder: bool = F
     )
     cast = torch.bfloat16 if dtype == "bf16" else torch.float32
     out_dir.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", "mim_stage": meta["stage"], "architecture": config["architecture"]}
+    metadata = {"format": "pt", "mim_stage": meta.stage, "architecture": config["architecture"]}
     _atomic_safetensors(
         {k: v.to(cast).contiguous() for k, v in encoder.items()}, out_dir / "model.safetensors", metadata
     )

@@ -27,7 +27,8 @@ from mim.engine.evaluate import EvaluationSplits, KnnSplits
 from mim.models.arch import ARCH_KEYS
 from mim.models.backbone import Weights
 from mim.models.registry import model_args
-from mim.models.targets import hog_cell
+from mim.models.target_kinds import TARGETS
+from mim.models.transforms import TRANSFORMS
 from mim.weights import load_weights
 
 
@@ -163,6 +164,7 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
     check_optim(config.optim, config.schedule)
     check_run_dir(config.run.dir)
     check_target(config.target, arch)
+    check_transforms(config)
     try:
         shards = open_shards(config.data.train, read_policy(config.data))
     except (FileNotFoundError, ValueError) as error:
@@ -177,22 +179,18 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
 
 def check_target(target: Any, arch: dict[str, Any]) -> None:
     """What relates the target keys to each other and to the model (the teacher is loaded later,
-    by the pretrainer, before any work)."""
+    by the pretraining task, before any work)."""
+    kind = TARGETS.get(target.kind)
     require(
-        target.kind != "teacher" or bool(target.teacher),
-        "target.kind=teacher needs target.teacher: a mim run or export, an official MAE .pth or timm weights",
+        not kind.needs_teacher or bool(target.teacher),
+        f"target.kind={target.kind} needs target.teacher: a mim run or export, an official MAE .pth or timm weights",
     )
     require(
-        not target.teacher or target.kind == "teacher" or target.global_weight > 0,
+        not target.teacher or kind.needs_teacher or target.global_weight > 0,
         f"target.teacher is set but nothing uses it: target.kind is {target.kind!r} and "
         "target.global_weight is 0",
     )
-    if target.kind == "hog":
-        cell = hog_cell(arch["patch_size"], target.hog_cell)
-        require(
-            arch["patch_size"] % cell == 0,
-            f"target.hog_cell {cell} must divide model.patch_size {arch['patch_size']}",
-        )
+    kind.check(target, arch)
     require(
         target.ema_decay <= target.ema_end_decay,
         f"target.ema_decay {target.ema_decay} must be at most target.ema_end_decay {target.ema_end_decay}",
@@ -268,7 +266,6 @@ def _open_split(key: str, spec: str, read: ReadPolicy) -> ShardSet:
 
 def check_classify(config: ClassifyConfig) -> ClassifyInputs:
     """Validates a linprobe/finetune config before any work; loads the backbone's weights."""
-    stage = config.STAGE
     require(
         bool(config.init.from_),
         "init.from is not set: a mim run dir or checkpoint, an official MAE .pth, "
@@ -282,14 +279,7 @@ def check_classify(config: ClassifyConfig) -> ClassifyInputs:
         config.optim.optimizer != "lars" or config.deepspeed.zero_stage == 0,
         "optim.optimizer=lars needs deepspeed.zero_stage=0 (LARS's per-layer trust ratio needs whole tensors)",
     )
-    require(
-        stage != "linprobe" or bool(config.probe.blrs),
-        "probe.blrs must name at least one base lr",
-    )
-    require(
-        stage != "linprobe" or config.probe.blocks <= arch["depth"],
-        f"probe.blocks must be at most the encoder's depth {arch['depth']}, got {config.probe.blocks}",
-    )
+    check_transforms(config)
     check_run_dir(config.run.dir)
     shards = _open_split("data.train", config.data.train, read_policy(config.data))
     val_shards = _open_split("data.val", config.data.val, read_policy(config.data))
@@ -310,3 +300,9 @@ def check_classify(config: ClassifyConfig) -> ClassifyInputs:
         name = f"the held-out {config.eval.holdout:.0%} of data.train ({len(held)} samples)"
         splits = EvaluationSplits(val_shards, replace(shards, held_out=None), held, name)
     return ClassifyInputs(weights, arch, shards, splits, num_classes)
+
+
+def check_transforms(config: Any) -> None:
+    """Every name in model.transforms is registered or imports (before any work)."""
+    for name in getattr(config.model, "transforms", []):
+        TRANSFORMS.get(name)

@@ -99,7 +99,7 @@ class StopWhileWaiting(BaseException):
 class StopSignal:
     """Records SIGUSR1 (Slurm's warning before a time limit or preemption) and SIGTERM.
 
-    In the training loop a stop waits for a step: the trainer polls `requested`, the ranks agree on a
+    In the training loop a stop waits for a step: the loop polls `requested`, the ranks agree on a
     common step, checkpoint and stop. Where nothing steps (start-up, waiting for data, an
     evaluation: the blocks marked `interruptible(activity)`), a wait that goes on STOP_GRACE_SECONDS
     after the signal is cut short by raising StopWhileWaiting (through SIGALRM), so a job stops within
@@ -136,7 +136,7 @@ class StopSignal:
     @contextlib.contextmanager
     def interruptible(self, activity: str | None) -> Iterator[None]:
         """Within the block a stop signal cuts the wait short (`activity` says what the process is
-        doing); with None, a stop waits for the trainer's next agreed step."""
+        doing); with None, a stop waits for the loop's next agreed step."""
         self.activities.append(activity)
         self._arm()
         try:

@@ -48,11 +48,11 @@ def _split_known_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def _from_mim_checkpoint(path: Path) -> Weights:
-    meta = checkpoint.read_meta(path)
+    meta = checkpoint.load_meta(path)
     state = checkpoint.load_weights(path)
-    arch, _ = checkpoint.architecture(meta)
+    arch, _ = meta.architecture()
     state = _split_known_prefixes(state)
-    return _weights(state, arch, f"mim {meta.get('stage')} checkpoint {path}", meta)
+    return _weights(state, arch, f"mim {meta.stage} checkpoint {path}", checkpoint.read_meta(path))
 
 
 def _weights(state: dict, arch: dict, source: str, meta: dict) -> Weights:

@@ -8,6 +8,7 @@ import sys
 STAGES = {
     "shards": "turn an image folder, a CSV/TSV or Fashion-MNIST into WebDataset shards",
     "pretrain": "MAE pretraining under DeepSpeed (resumes automatically)",
+    "train": "any task by name, your own as --task package.module:Class (docs/extending.md)",
     "linprobe": "linear probing of a backbone: frozen encoder, several heads, top-1/top-5",
     "finetune": "supervised fine-tuning of a backbone (or from scratch with init.from=none)",
     "knn": "a kNN classifier on frozen features: a quick check of any checkpoint",

@@ -11,11 +11,9 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from mim.config import write_config
 from mim.config_help import console_page
 from mim.distributed import DistEnv, any_rank, init_distributed, read_dist_env, shutdown
 from mim.errors import TrainingStopped, UserInputError
@@ -87,9 +85,9 @@ def reports_user_errors(prog: str) -> Callable:
 
 
 @contextlib.contextmanager
-def started_run(run_dir: Path, config: Any) -> Iterator[tuple[DistEnv, torch.device, StopSignal]]:
+def started_run(run_dir: Path) -> Iterator[tuple[DistEnv, torch.device, StopSignal]]:
     """Logging, stop signals, the process group, and the run-dir lock (held by rank 0; every rank
-    fails fast when another job holds it); writes the resolved config."""
+    fails fast when another job holds it). The run's session writes the resolved config."""
     env = read_dist_env()
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(env.rank, run_dir / "log.txt")
@@ -102,15 +100,10 @@ def started_run(run_dir: Path, config: Any) -> Iterator[tuple[DistEnv, torch.dev
         except RunDirBusy as error:
             busy = error
     if any_rank(busy is not None, device):
-        shutdown(clean=False)
+        shutdown()
         raise busy or RunDirBusy(f"run dir {run_dir} is in use by another job")
     try:
-        if env.is_main:
-            write_config(config, run_dir / "config.yaml")
         yield env, device, stop
-    except BaseException:
+    finally:
         lock.release()
-        shutdown(clean=False)
-        raise
-    lock.release()
-    shutdown()
+        shutdown()

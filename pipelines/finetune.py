@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.classify import run
 from pipelines.common import reports_user_errors
+from pipelines.train import run_task
 
 
 @reports_user_errors("mim finetune")
 def main(argv: list[str] | None = None) -> int:
-    return run("finetune", argv, __doc__)
+    return run_task("finetune", argv, "mim finetune", __doc__)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 from mim.config import LinprobeConfig, load_config
 from mim.data.streams import ViewSpec, spread_subset
 from mim.data.transforms import normalize_on_device
-from mim.distributed import init_distributed, read_dist_env, shutdown
+from mim.distributed import barrier, init_distributed, read_dist_env, shutdown
 from mim.engine.evaluate import KnnSplits, knn_evaluate
 from mim.errors import UserInputError
 from mim.models.classifier import build_linear_probe
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         if args.out:
             args.out.write_text(json.dumps(result, indent=1))
+    barrier()  # every rank is alive: none closes its connections while another still receives
     shutdown()
     return 0
 

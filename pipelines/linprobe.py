@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.classify import run
 from pipelines.common import reports_user_errors
+from pipelines.train import run_task
 
 
 @reports_user_errors("mim linprobe")
 def main(argv: list[str] | None = None) -> int:
-    return run("linprobe", argv, __doc__)
+    return run_task("linprobe", argv, "mim linprobe", __doc__)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import replace
 from mim.config import PretrainConfig, load_config
 from mim.engine.deepspeed_engine import choose_zero_stage
 from mim.errors import UserInputError
+from mim.models.target_kinds import TARGETS
 from mim.plan import USABLE_SHARE, Setup, alternatives, gib, largest_micro_batch, parse_bytes, plan
 from mim.recipe import check_model
 from pipelines.common import add_help_config, reports_user_errors
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         f"micro-batch {setup.micro_batch}, activation checkpointing "
         + (f"every {setup.grad_checkpointing} block(s)" if setup.grad_checkpointing else "off")
     )
-    if config.target.kind != "pixels":
+    if not TARGETS.get(config.target.kind).predicts_pixels:
         print(f"  (target.kind={config.target.kind}: its teacher and head are not counted)")
     print("per process:")
     for name, value in result.rows():

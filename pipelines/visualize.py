@@ -24,7 +24,9 @@ from mim.errors import UserInputError
 from mim.models import create_model
 from mim.models.attention import check_block
 from mim.models.backbone import create_vit, load_encoder
+from mim.models.target_kinds import TARGETS
 from mim.pictures import save_png
+from mim.registry import UnknownPart
 from mim.visualize import attention_grid, reconstruction_grid
 from mim.weights import load_weights
 from pipelines.common import reports_user_errors
@@ -50,16 +52,25 @@ def image_key(args: argparse.Namespace, meta: dict) -> str:
     return args.image_key or meta.get("config", {}).get("data", {}).get("image_key") or DEFAULT_IMAGE_KEY
 
 
+def predicts_pixels(kind: str) -> bool:
+    """Whether a checkpoint's target.kind predicts pixels (a plug-in target that does not import
+    here is taken as not)."""
+    try:
+        return TARGETS.get(kind).predicts_pixels
+    except UnknownPart:
+        return False
+
+
 def reconstructions(args: argparse.Namespace) -> str:
     source = checkpoint.resolve(args.source)
     meta = checkpoint.read_meta(source)
-    if meta["stage"] != "pretrain":
+    if not checkpoint.load_meta(source).holds_mae:
         raise UserInputError(
             f"{source} is a {meta['stage']} checkpoint; reconstructions need a pretraining one "
             "(--attention works on any checkpoint)"
         )
     kind = meta.get("target", {}).get("kind", "pixels")
-    if kind != "pixels":
+    if not predicts_pixels(kind):
         raise UserInputError(
             f"{source} was pretrained with target.kind={kind}: its decoder predicts {kind} features, "
             "not pixels, so there are no reconstructions to draw (--attention works on it)"

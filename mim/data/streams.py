@@ -5,7 +5,7 @@ sequence of chunks; chunk k draws `shards_per_chunk` shards with replacement and
 samples, all from an RNG seeded by (seed, rank, worker, k). Its position is therefore two numbers
 (chunk, offset), which every batch carries with its (logical) worker id; a `StreamPosition` holds
 the position of the last batch consumed from each worker and which worker is due next (the
-trainer advances it as it consumes batches and saves it), and a resumed stream continues exactly
+training loop advances it as it consumes batches and saves it), and a resumed stream continues exactly
 there.
 
 Evaluation (`EvalStream`): every sample of the split (or of a subset of it) exactly once
@@ -20,24 +20,22 @@ from __future__ import annotations
 
 import bisect
 import collections
-import contextlib
 import dataclasses
 import hashlib
 import logging
 import random
-import signal
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
+from mim.data.batch import Batch, StreamPosition
 from mim.data.members import DEFAULT_IMAGE_KEY, DEFAULT_LABEL_KEY, missing_label, sample_image, sample_label
 from mim.data.reading import ReadPolicy, ShardUnreadable, basename, stream_samples
 from mim.data.shards import ShardSet
 from mim.data.transforms import BadSample, eval_view, train_view
 from mim.errors import TrainingStopped
-from mim.runtime import interruptible
 
 log = logging.getLogger(__name__)
 MAX_EMPTY_CHUNKS = 10
@@ -128,41 +126,6 @@ def _decode_sample(sample: dict, spec: ViewSpec, view: Callable) -> tuple[torch.
     return view(payload), label
 
 
-@dataclass
-class StreamPosition:
-    """Where a rank's training stream is: per logical worker the (chunk, samples into it) of the
-    last batch consumed, and whose batch is due next. The trainer advances a copy with each batch
-    of a step and keeps it once the step is complete; it travels in the rank's checkpoint state
-    (`state_dict`, `from_state`) and starts the resumed `TrainStream` (`start`)."""
-
-    num_workers: int
-    workers: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
-    next_worker: int = 0
-
-    def advance(self, batch: dict) -> None:
-        self.workers[batch["worker"]] = tuple(batch["position"])
-        self.next_worker = (batch["worker"] + 1) % max(1, self.num_workers)
-
-    def copy(self) -> StreamPosition:
-        return StreamPosition(self.num_workers, dict(self.workers), self.next_worker)
-
-    def state_dict(self) -> dict:
-        return {
-            "positions": {worker: list(at) for worker, at in self.workers.items()},
-            "next_worker": self.next_worker,
-            "num_workers": self.num_workers,
-        }
-
-    @classmethod
-    def from_state(cls, state: dict, num_workers: int) -> StreamPosition | None:
-        """The saved position; None where it cannot be kept (another data.num_workers: the
-        logical workers' streams are not the same ones)."""
-        if state["num_workers"] != num_workers:
-            return None
-        workers = {int(worker): tuple(at) for worker, at in state["positions"].items()}
-        return cls(num_workers, workers, int(state["next_worker"]))
-
-
 class TrainStream(IterableDataset):
     def __init__(
         self,
@@ -228,13 +191,13 @@ class TrainStream(IterableDataset):
                 images.append(image)
                 labels.append(label)
                 if len(images) == self.batch_size:
-                    yield {
-                        "images": torch.stack(images),
-                        "labels": torch.tensor(labels),
-                        "worker": worker,
-                        "position": (chunk, position + 1),
-                        "bad": reader.new_bad(),  # shard file name -> bad samples since the last batch
-                    }
+                    yield Batch(
+                        torch.stack(images),
+                        torch.tensor(labels),
+                        worker,
+                        (chunk, position + 1),
+                        reader.new_bad(),
+                    )
                     images, labels = [], []
             empty_chunks = 0 if read_any else empty_chunks + 1
             if empty_chunks == MAX_EMPTY_CHUNKS:  # without this the loader would wait forever
@@ -386,79 +349,3 @@ def first_images(shards: ShardSet, spec: ViewSpec, count: int, max_shards: int =
             if len(images) == count:
                 return images
     return images
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Stop signals are for the training process, which checkpoints; a worker killed by one would
-    break the batch the main process is waiting for."""
-    for number in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(number, signal.SIG_IGN)
-
-
-class _Loader(DataLoader):
-    """A DataLoader that a stop signal can cut short: each wait for a batch is `interruptible` as
-    `waiting` (when set; an evaluation marks its whole loop instead), and when it is left before its
-    end (StopWhileWaiting, or closed early) the worker processes are killed at once, where the
-    loader's own shutdown would join each for seconds (a worker blocked on a read never sees it)."""
-
-    def __init__(self, *args, waiting: str | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.waiting = waiting
-
-    def __iter__(self) -> Iterator:
-        iterator = super().__iter__()
-        try:
-            while True:
-                with interruptible(self.waiting) if self.waiting else contextlib.nullcontext():
-                    batch = next(iterator, _END)
-                if batch is _END:
-                    return
-                yield batch
-        except BaseException:  # a stop cut a wait short, or the consumer let the loader go early
-            _kill_workers(iterator)
-            raise
-
-
-_END = object()
-
-
-def _kill_workers(iterator) -> None:
-    """torch has no public way to drop a loader whose workers are blocked: take them out of its
-    SIGCHLD check (which would report the kill as a worker crash), then kill them (they ignore
-    SIGTERM); the loader's own shutdown then finds them gone."""
-    workers = getattr(iterator, "_workers", None)  # absent without worker processes
-    if not workers:
-        return
-    if getattr(iterator, "_worker_pids_set", False):
-        torch.utils.data._utils.signal_handling._remove_worker_pids(id(iterator))
-        iterator._worker_pids_set = False
-    for worker in workers:
-        worker.kill()
-
-
-def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
-    return _Loader(
-        stream,
-        batch_size=None,  # the stream batches itself, so each batch carries one worker's position
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if num_workers else None,
-        persistent_workers=False,
-        worker_init_fn=_ignore_stop_signals,
-        waiting="waiting for training data",
-    )
-
-
-def eval_loader(
-    stream: EvalStream, batch_size: int, num_workers: int, generator: torch.Generator | None = None
-) -> DataLoader:
-    """`generator`: where the loader draws its workers' base seed; a private one leaves the global
-    RNG (and so a training run around the evaluation) untouched."""
-    return _Loader(
-        stream,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_ignore_stop_signals,
-        generator=generator,
-    )

@@ -40,6 +40,7 @@ from mim.checkpoint import (
 from mim.engine import portable
 from mim.engine.deepspeed_engine import full_state_dict
 from mim.errors import TrainingStopped
+from mim.meta import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def save(
     step: int,
     rank: int,
     rank_state: dict[str, Any],
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     keep_last: int,
     barrier: Callable[[], None],
     gather: Callable[[Any], list] = lambda value: [value],
@@ -105,8 +106,10 @@ def save(
             for name, tensors in (shared or {}).items():
                 save_file(tensors, str(temporary / f"{name}.safetensors"))
                 sums[f"{name}.safetensors"] = file_entry(temporary / f"{name}.safetensors")
-            meta = dict(meta, step=step, versions=versions(), git_sha=git_sha(), integrity=MANIFEST_FILE)
-            text = json.dumps(meta, indent=1, default=str).encode()
+            tree = dict(
+                meta.to_json(), step=step, versions=versions(), git_sha=git_sha(), integrity=MANIFEST_FILE
+            )
+            text = json.dumps(tree, indent=1, default=str).encode()
             sums[META_FILE] = write_summed(temporary / META_FILE, lambda f: f.write(text))
         every_rank = gather(sums)
         if rank == 0:
@@ -127,14 +130,12 @@ def save(
     return final
 
 
-def restore(engine: Any, checkpoint: Path, meta: dict[str, Any], stage: int, world_size: int) -> None:
+def restore(engine: Any, checkpoint: Path, meta: CheckpointMeta, stage: int, world_size: int) -> None:
     """Loads a verified checkpoint into `engine` (ZeRO `stage` on `world_size` processes; every rank
     calls it): DeepSpeed's own load where the files were written for this stage and process count
     (or at stage 0, whose files hold everything), else the weights and the per-parameter AdamW state
     moved into this engine (mim.engine.portable)."""
-    configured = meta.get("config", {}).get("deepspeed", {}).get("zero_stage", 1)
-    written = meta.get("engine", {}).get("zero_stage", configured)  # older: the stage configured
-    written_world = meta.get("world_size", world_size)
+    written, written_world = meta.zero_stage, meta.world_size
     if (written, written_world) == (stage, world_size) or written == stage == 0:
         engine.load_checkpoint(
             str(checkpoint.parent),

@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mim.data.loaders import eval_loader
 from mim.data.shards import ShardSet
-from mim.data.streams import EvalStream, ViewSpec, eval_loader
+from mim.data.streams import EvalStream, ViewSpec
 from mim.distributed import DistEnv, all_reduce_sum
 from mim.runtime import interruptible
 

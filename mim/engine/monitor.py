@@ -23,6 +23,7 @@ import torch
 from mim.config import MonitorConfig
 from mim.data.streams import ViewSpec
 from mim.distributed import DistEnv
+from mim.engine.callbacks import Callback
 from mim.engine.evaluate import KnnSplits, knn_evaluate
 from mim.files import atomic_write_text
 from mim.models.mae import MaskedAutoencoderViT
@@ -32,7 +33,10 @@ log = logging.getLogger(__name__)
 MONITOR_FILE = "monitor.json"
 
 
-class KnnMonitor:
+class KnnMonitor(Callback):
+    """A callback of pretraining: at step 0 (the encoder before any training), every
+    `monitor.every` steps and at the last one."""
+
     def __init__(
         self,
         config: MonitorConfig,
@@ -57,6 +61,29 @@ class KnnMonitor:
 
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.config.every == 0 or step == total_steps
+
+    def before_loop(self, loop) -> None:
+        self.start_at(loop.step)
+        if loop.step == 0:
+            self.evaluate_in(loop)
+
+    def after_step(self, loop) -> None:
+        if self.due(loop.step, loop.plan.total_steps):
+            self.evaluate_in(loop)
+
+    def evaluate_in(self, loop) -> None:
+        with loop.session.unsharded() as module:
+            record = self.evaluate(
+                module, loop.data.normalize, loop.step, loop.step * loop.plan.effective_batch
+            )
+        loop.report(
+            {
+                "monitor/knn_top1": record["top1"],
+                "monitor/knn_top5": record["top5"],
+                "monitor/seconds": record["seconds"],
+            }
+        )
+        loop.flush()
 
     def start_at(self, step: int) -> None:
         """Keeps the evaluations of the timeline being resumed (steps up to `step`); those of a

@@ -1,13 +1,8 @@
-"""The pretraining objective (`target.*`): what the decoder predicts at the masked patches and,
-with `target.global_weight`, what the cls token predicts. Computes the step's targets without
-gradients before the student's forward, steps the EMA teacher after every optimizer step, and
-owns the teacher's state in a checkpoint (the EMA's; a frozen teacher is never saved).
-
-- pixels: MAE's normalised pixels, computed inside the model as always (bit-identical to MAE).
-- hog: MaskFeat's HOG of each patch (mim.models.targets.hog), on the device, MSE.
-- teacher: a frozen backbone's patch tokens on the whole image, layer-normed and resampled to the
-  student's grid; cosine loss (smooth_l1 on request).
-- ema: data2vec: the average of the EMA encoder's last k blocks (instance-normed), MSE.
+"""The pretraining objective (`target.*`): the target kind (mim.models.target_kinds: what the
+decoder predicts at the masked patches) and, with `target.global_weight`, what the cls token
+predicts. Computes the step's targets without gradients before the student's forward, steps the
+EMA teacher after every optimizer step, and owns the teacher's state in a checkpoint (the EMA's;
+a frozen teacher is never saved).
 """
 
 from __future__ import annotations
@@ -19,18 +14,10 @@ import torch
 
 from mim.models.backbone import Weights
 from mim.models.mae import MaskedAutoencoderViT
-from mim.models.targets import (
-    hog,
-    hog_cell,
-    hog_dim,
-    instance_normed_average,
-    layer_normed,
-    resample_tokens,
-)
+from mim.models.target_kinds import TARGETS, Teachers
 from mim.models.teachers import EmaTeacher, FrozenTeacher, ema_decay
 
 log = logging.getLogger(__name__)
-DEFAULT_LOSS = {"pixels": "mse", "hog": "mse", "teacher": "cosine", "ema": "mse"}
 TEACHER_STATE = "teacher"  # the checkpoint's name for the EMA teacher's tensors
 
 
@@ -41,14 +28,13 @@ class Objective:
         """`teacher`: the weights target.teacher names, loaded (and checked) before any work."""
         self.config, self.arch, self.device, self.bf16 = target, arch, device, bf16
         self.kind = target.kind
-        self.loss = DEFAULT_LOSS[self.kind] if target.loss == "auto" else target.loss
-        self.grid = arch["img_size"] // arch["patch_size"]
-        self.cell = hog_cell(arch["patch_size"], target.hog_cell)
+        self.target = TARGETS.get(target.kind)(target, arch)
+        self.loss = self.target.default_loss if target.loss == "auto" else target.loss
         self.top_k = min(target.ema_top_k, arch["depth"])
         self.frozen = None
         if teacher is not None:
             self.frozen = FrozenTeacher(teacher).to(device)
-        self.uses_ema = self.kind == "ema" or (target.global_weight > 0 and self.frozen is None)
+        self.uses_ema = self.target.follows_student or (target.global_weight > 0 and self.frozen is None)
         self.ema: EmaTeacher | None = None  # made by `attach`, once the student has its weights
 
     # ------------------------------------------------------------------ the student's shape
@@ -56,13 +42,7 @@ class Objective:
     @property
     def pred_dim(self) -> int | None:
         """The decoder's output width; None: pixels, the model's own."""
-        if self.kind == "hog":
-            return hog_dim(self.arch["patch_size"], self.arch["in_chans"], self.cell, self.config.hog_bins)
-        if self.kind == "teacher":
-            return self.frozen.dim
-        if self.kind == "ema":
-            return self.arch["embed_dim"]
-        return None
+        return self.target.pred_dim(self.frozen.dim if self.frozen is not None else None)
 
     @property
     def global_dim(self) -> int | None:
@@ -80,18 +60,15 @@ class Objective:
     def step_inputs(self, images: torch.Tensor) -> dict[str, Any]:
         """The student's forward arguments besides images, mask ratio and noise (none for pixels
         without the global objective: the model's own MAE loss)."""
-        if self.kind == "pixels" and self.config.global_weight <= 0:
+        if self.target.predicts_pixels and self.config.global_weight <= 0:
             return {}
         with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             inputs: dict[str, Any] = {"loss": self.loss}
             frozen = self.frozen(images) if self.frozen is not None else None
             ema = self.ema(images, self.top_k) if self.ema is not None else None
-            if self.kind == "hog":
-                inputs["target"] = hog(images, self.arch["patch_size"], self.cell, self.config.hog_bins)
-            elif self.kind == "teacher":
-                inputs["target"] = layer_normed(resample_tokens(frozen[1], self.grid))
-            elif self.kind == "ema":
-                inputs["target"] = instance_normed_average(ema[1])
+            predicted = self.target.compute(images, Teachers(frozen, ema))
+            if predicted is not None:
+                inputs["target"] = predicted
             if self.config.global_weight > 0:
                 inputs["global_target"] = (frozen if frozen is not None else ema)[0].float()
                 inputs["global_weight"] = self.config.global_weight
@@ -124,8 +101,7 @@ class Objective:
     def describe(self) -> dict[str, Any]:
         """The objective as meta.json records it (resume refuses another one)."""
         description = {"kind": self.kind, "loss": self.loss, "global_weight": self.config.global_weight}
-        if self.kind == "hog":
-            description.update(hog_cell=self.cell, hog_bins=self.config.hog_bins)
+        description.update(self.target.describe())
         if self.uses_ema:
             description.update(
                 ema_decay=self.config.ema_decay, ema_end_decay=self.config.ema_end_decay, ema_top_k=self.top_k

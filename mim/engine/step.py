@@ -6,7 +6,7 @@ backward: engine.grad_sync), the gradient norm (and, at ZeRO stage 0, the clippi
 The step's health is recorded on the device from values the step computes anyway: the loss on
 every step, the gradient norm where it is computed (where it clips, and on the steps that are
 logged: by mim at stage 0, by ZeRO at stages 1 to 3). Nothing here waits for the device. The
-trainer reads the health at log and checkpoint steps, and checks the weights before a checkpoint
+training loop reads the health at log and checkpoint steps, and checks the weights before a checkpoint
 (a non-finite gradient between logged steps leaves non-finite weights), so a bad step never
 reaches a checkpoint.
 """

@@ -10,7 +10,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from mim.distributed import init_distributed, read_dist_env, shutdown
+from mim.distributed import barrier, init_distributed, read_dist_env, shutdown
 from mim.engine.deepspeed_engine import EngineSettings, build_engine, full_state_dict
 from mim.engine.optim import param_groups
 from mim.engine.step import StepRunner
@@ -64,6 +64,7 @@ def main() -> None:
     weights = full_state_dict(engine, env.rank)  # every rank: ZeRO 3 gathers
     if env.rank == 0:
         save_file(weights, out)
+    barrier()  # every rank is alive: none closes its connections while the other still receives
     shutdown()
 
 

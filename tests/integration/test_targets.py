@@ -185,7 +185,8 @@ def test_two_ranks_at_zero_2_with_accumulation_resume_bit_identically(tmp_path, 
         (["target.kind=hog", "target.hog_cell=3"], "target.hog_cell 3 must divide model.patch_size 7"),
         (["target.teacher=/nonexistent"], "nothing uses it"),
         (["target.kind=teacher", "target.teacher=/nonexistent"], "does not exist"),
-        (["target.kind=pixel"], "'target.kind' must be one of pixels, hog, teacher, ema"),
+        (["target.kind=pixel"], "target.kind='pixel': no such target; did you mean 'pixels'?"),
+        (["target.kind=no_such_lab.targets:Canny"], "cannot import 'no_such_lab.targets'"),
     ],
 )
 def test_bad_target_settings_exit_2_before_any_work(tmp_path, fmnist_shards, overrides, message):

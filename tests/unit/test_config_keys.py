@@ -68,8 +68,8 @@ def test_a_value_outside_a_keys_declared_range_fails_as_the_config_is_read(stage
 
 @pytest.mark.parametrize(
     "stage, info",
-    [(s, i) for s, i in ALL_KEYS if i.declared.choices],
-    ids=[f"{s}:{i.name}" for s, i in ALL_KEYS if i.declared.choices],
+    [(s, i) for s, i in ALL_KEYS if i.choices],
+    ids=[f"{s}:{i.name}" for s, i in ALL_KEYS if i.choices],
 )
 def test_a_value_outside_a_keys_choices_fails_as_the_config_is_read(stage, info):
     bad = 7 if info.type.startswith("int") else "nonsense"

@@ -14,17 +14,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from mim.data.batch import StreamPosition
+from mim.data.loaders import eval_loader, train_loader
 from mim.data.shards import open_shards, with_lengths, write_shards
 from mim.data.sources import csv_table, image_folder
-from mim.data.streams import (
-    EvalStream,
-    StreamPosition,
-    TrainStream,
-    ViewSpec,
-    eval_loader,
-    spread_subset,
-    train_loader,
-)
+from mim.data.streams import EvalStream, TrainStream, ViewSpec, spread_subset
 from mim.data.transforms import random_resized_crop_box
 from tests.conftest import fashion_mnist_subset, jpeg_source, run_cli
 
@@ -196,17 +190,15 @@ def test_train_stream_resumes_exactly_where_it_stopped(fmnist_shards, num_worker
     resumed_stream = TrainStream(shards, _spec(), 16, seed=3, rank=0, start=saved)
     resumed = _take(train_loader(resumed_stream, num_workers), 5)
     for expected, got in zip(straight[7:], resumed, strict=True):
-        assert torch.equal(expected["images"], got["images"]) and torch.equal(
-            expected["labels"], got["labels"]
-        )
+        assert torch.equal(expected.images, got.images) and torch.equal(expected.labels, got.labels)
 
 
 def test_train_stream_differs_by_rank_and_passes_epoch_boundaries(fmnist_shards):
     shards = open_shards(str(fmnist_shards["train"]))
     first = _take(train_loader(TrainStream(shards, _spec(), 32, seed=0, rank=0), 0), 40)  # > 1 epoch of 960
     other = _take(train_loader(TrainStream(shards, _spec(), 32, seed=0, rank=1), 0), 1)
-    assert len(first) == 40 and not torch.equal(first[0]["images"], other[0]["images"])
-    assert first[0]["images"].dtype == torch.uint8 and first[0]["images"].shape == (32, 1, 28, 28)
+    assert len(first) == 40 and not torch.equal(first[0].images, other[0].images)
+    assert first[0].images.dtype == torch.uint8 and first[0].images.shape == (32, 1, 28, 28)
 
 
 @pytest.mark.parametrize("world_size, num_workers", [(2, 2), (3, 0)])
@@ -294,5 +286,5 @@ def test_truncated_shard_is_skipped_and_counted(tmp_path):
     batches = _take(train_loader(stream, 0), 20)
     bad = Counter()
     for batch in batches:
-        bad.update(batch["bad"])
+        bad.update(batch.bad)
     assert len(batches) == 20 and set(bad) == {"train-000001.tar"}

@@ -16,8 +16,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from mim.data.loaders import train_loader
 from mim.data.shards import open_shards
-from mim.data.streams import TrainStream, ViewSpec, train_loader
+from mim.data.streams import TrainStream, ViewSpec
 from mim.data.transforms import (
     BadSample,
     decode_region,
@@ -194,8 +195,8 @@ def bad_counts(directory, batches: int, batch_size: int) -> Counter:
     )
     counts: Counter = Counter()
     for batch in list(_take(train_loader(stream, 0), batches)):
-        assert batch["images"].shape == (batch_size, 3, 16, 16) and (batch["labels"] == 1).all()
-        counts.update(batch["bad"])
+        assert batch.images.shape == (batch_size, 3, 16, 16) and (batch.labels == 1).all()
+        counts.update(batch.bad)
     return counts
 
 

@@ -9,8 +9,9 @@ from dataclasses import replace
 import pytest
 
 from mim.data.holdout import Holdout
+from mim.data.loaders import eval_loader, train_loader
 from mim.data.shards import open_shards, with_lengths
-from mim.data.streams import EvalStream, TrainStream, ViewSpec, eval_loader, train_loader
+from mim.data.streams import EvalStream, TrainStream, ViewSpec
 
 WHOLE_IMAGE = ViewSpec(img_size=28, mode="L", crop_scale=(1.0, 1.0), hflip=False, needs_label=True)
 
@@ -54,7 +55,7 @@ def test_streams_over_a_holdout_skip_it_and_the_selection_split_reads_only_it(tr
     stream = TrainStream(with_holdout, WHOLE_IMAGE, 32, seed=0, rank=0)
     seen = set()
     for number, batch in enumerate(train_loader(stream, num_workers)):
-        seen |= {bytes(image.numpy()) for image in batch["images"]}
+        seen |= {bytes(image.numpy()) for image in batch.images}
         if number == 40:  # 1,312 samples
             break
     assert len(seen) > 400 and not seen & held_images  # shards are resampled: not all 779 come up

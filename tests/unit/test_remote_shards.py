@@ -11,9 +11,11 @@ import re
 import pytest
 import torch
 
+from mim.data.batch import StreamPosition
+from mim.data.loaders import train_loader
 from mim.data.reading import ReadPolicy, ShardUnreadable, basename, stream_samples
 from mim.data.shards import ShardSet, open_shards, with_lengths
-from mim.data.streams import EvalStream, StreamPosition, TrainStream, ViewSpec, shuffled, train_loader
+from mim.data.streams import EvalStream, TrainStream, ViewSpec, shuffled
 from mim.errors import TrainingStopped
 from tests.http_server import FlakyServer
 
@@ -150,12 +152,12 @@ def test_training_and_evaluation_streams_read_remote_shards_as_local_ones(server
     expected = _batches(TrainStream(local, spec, 32, seed=4, rank=0), 10)
     for shards in (remote, piped):
         got = _batches(TrainStream(shards, spec, 32, seed=4, rank=0), 10)
-        assert all(torch.equal(a["images"], b["images"]) for a, b in zip(expected, got, strict=True))
-        assert [b["position"] for b in got] == [b["position"] for b in expected]
+        assert all(torch.equal(a.images, b.images) for a, b in zip(expected, got, strict=True))
+        assert [b.position for b in got] == [b.position for b in expected]
     # resume from the position of batch 6: the same batches 7.. as the uninterrupted stream
-    position = StreamPosition(0, {0: expected[5]["position"]})
+    position = StreamPosition(0, {0: expected[5].position})
     resumed = _batches(TrainStream(remote, spec, 32, seed=4, rank=0, start=position), 4)
-    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(expected[6:], resumed, strict=True))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(expected[6:], resumed, strict=True))
     # evaluation: every sample exactly once across 2 ranks, from the remote index's counts
     indices = [i for rank in (0, 1) for _, _, i in EvalStream(remote, spec, rank, 2, crop_fraction=1.0)]
     assert sorted(indices) == list(range(960))

@@ -1,0 +1,278 @@
+"""The one training loop of every task. It is handed its parts (the session with its engine, the
+task, the data, the checkpoint manager, the callbacks) and does the same with each:
+
+    resume; while step < total: one step over accum_steps micro-batches -> log -> callbacks ->
+    maybe checkpoint; stop at the end, at run.stop_after, or at a stop signal the ranks agree on.
+
+Host syncs (.item()) happen only at log steps and checkpoints. The data position moves with
+completed steps only, so a step cut short by a stop is read again on resume.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mim.distributed import all_reduce_sum, any_rank, gather_objects
+from mim.engine.callbacks import Callback
+from mim.engine.deepspeed_engine import engine_param_groups, is_partitioned
+from mim.engine.schedule import warmup_cosine
+from mim.engine.session import Session
+from mim.engine.state import CheckpointManager
+from mim.engine.task import Task
+from mim.errors import TrainingStopped
+from mim.meta import CheckpointMeta
+from mim.runtime import Progress, StopSignal, StopWhileWaiting, format_duration, interruptible
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(TrainingStopped):
+    pass
+
+
+class TooManyBadSamples(TrainingStopped):
+    pass
+
+
+@dataclass
+class Outcome:
+    step: int
+    total_steps: int
+    reason: str  # finished | stop_after | signal
+    last_loss: float | None
+
+
+class Loop:
+    def __init__(
+        self,
+        session: Session,
+        task: Task,
+        data: Any,
+        checkpoints: CheckpointManager,
+        callbacks: list[Callback],
+        stop: StopSignal | None = None,
+    ) -> None:
+        self.session, self.task, self.data, self.checkpoints = session, task, data, checkpoints
+        self.callbacks, self.stop = callbacks, stop
+        self.config, self.plan, self.env = session.config, session.plan, session.env
+        self.device, self.engine, self.runner = session.device, session.engine, session.runner
+        self.step = self.saved_step = 0
+        self.last_loss: float | None = None
+        self.bad_by_shard: collections.Counter[str] = collections.Counter()  # this rank's
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> Outcome:
+        self.resume()
+        for callback in self.callbacks:
+            callback.before_loop(self)
+        plan = self.plan
+        log.info(
+            "%s: %d steps (%d per epoch of %d samples), effective batch %d, lr %.3e, %s, %d process(es)",
+            self.task.stage,
+            plan.total_steps,
+            plan.steps_per_epoch,
+            plan.samples_per_epoch,
+            plan.effective_batch,
+            plan.lr,
+            self.session.precision,
+            self.env.world_size,
+        )
+        batches = self.data.batches()
+        reason = "finished"
+        self.engine.train()
+        try:
+            with interruptible(None):  # from here a stop waits for a step the ranks agree on
+                reason = self.steps(batches)
+        except StopWhileWaiting as stopped:
+            batches.close()  # its workers may be blocked on a read that never ends
+            reason = self.stopped_waiting(str(stopped))
+        except RuntimeError as error:  # a collective with a rank that is gone
+            if not (self.stop is not None and self.stop.requested and self.env.world_size > 1):
+                raise
+            batches.close()
+            self.last_loss = None
+            reason = self.stopped_waiting(f"a collective failed after the stop signal ({error})")
+        for callback in self.callbacks:
+            callback.after_loop(self)
+        if is_partitioned(self.engine):
+            # ZeRO 3's hooks and prefetching hold collectives of their own: released before the
+            # process group goes (each rank, once the last checkpoint is written).
+            self.engine.destroy()
+        return Outcome(self.step, plan.total_steps, reason, self.last_loss)
+
+    def steps(self, batches) -> str:
+        """Steps until the end, run.stop_after or an agreed stop; returns why it stopped."""
+        config, plan = self.config, self.plan
+        progress = Progress(plan.total_steps, start=self.step)
+        loss_sum, steps_since_log = torch.zeros((), device=self.device), 0
+        while self.step < plan.total_steps:
+            loss_sum += self.train_step(batches)
+            self.step += 1
+            steps_since_log += 1
+            if self.logs_at(self.step):
+                self.check_health()
+                self.last_loss = self.log_step(loss_sum, steps_since_log, progress)
+                loss_sum.zero_()
+                steps_since_log = 0
+            self.task.after_step(self.step, plan.total_steps)
+            for callback in self.callbacks:
+                callback.after_step(self)
+            stop_requested = (
+                self.stop is not None
+                and self.step % config.run.stop_check_every == 0
+                and any_rank(self.stop.requested, self.device)
+            )
+            at_end = self.step in (plan.total_steps, config.run.stop_after)
+            if self.step % config.run.checkpoint_every == 0 or at_end or stop_requested:
+                self.check_health(before_checkpoint=True)
+                self.save()
+            if stop_requested or self.step == config.run.stop_after:
+                return "signal" if stop_requested else "stop_after"
+        return "finished"
+
+    def train_step(self, batches) -> torch.Tensor:
+        """One optimizer step over accum_steps micro-batches; returns the summed loss (on device)."""
+        plan = self.plan
+        lr = warmup_cosine(self.step, plan.total_steps, plan.warmup_steps, plan.lr, self.config.optim.min_lr)
+        position = self.data.position.copy()
+
+        def micro_loss(micro: int) -> torch.Tensor:
+            batch = next(batches)
+            position.advance(batch)
+            self.bad_by_shard.update(batch.bad)
+            labels = batch.labels.to(self.device, non_blocking=True)
+            return self.task.loss(self.engine, self.data.inputs(batch.images), labels, self.step, micro)
+
+        loss = self.runner.run(self.step + 1, lr, micro_loss, want_norm=self.logs_at(self.step + 1))
+        self.data.position = position  # the step is complete
+        return loss
+
+    def logs_at(self, step: int) -> bool:
+        return step % self.config.log.every == 0 or step in (
+            self.plan.total_steps,
+            self.config.run.stop_after,
+        )
+
+    # ------------------------------------------------------------------ reporting
+
+    def report(self, scalars: dict[str, float]) -> None:
+        for callback in self.callbacks:
+            callback.on_scalars(self.step, scalars)
+
+    def image(self, name: str, image: torch.Tensor) -> None:
+        for callback in self.callbacks:
+            callback.on_image(self.step, name, image)
+
+    def flush(self) -> None:
+        for callback in self.callbacks:
+            callback.flush()
+
+    def log_step(self, loss_sum: torch.Tensor, num_steps: int, progress: Progress) -> float:
+        micro_losses = num_steps * self.config.optim.accum_steps * self.env.world_size
+        loss = all_reduce_sum(loss_sum.clone()).item() / micro_losses
+        rate, eta = progress.update(self.step, self.plan.effective_batch)
+        lr = max(group["lr"] for group in engine_param_groups(self.engine))
+        grad_norm = float(self.runner.grad_norm) if self.runner.grad_norm is not None else float("nan")
+        samples = self.step * self.plan.effective_batch
+        log.info(
+            "%s step %d/%d  %s  lr %.3e  grad_norm %.3f  %.1f img/s  samples %d  eta %s",
+            self.task.stage,
+            self.step,
+            self.plan.total_steps,
+            self.task.describe_loss(loss, micro_losses, self.report),
+            lr,
+            grad_norm,
+            rate,
+            samples,
+            format_duration(eta),
+        )
+        scalars = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "images_per_sec": rate}
+        scalars.update(samples_seen=samples, bad_samples=self.bad_by_shard.total())
+        self.report({f"train/{name}": value for name, value in scalars.items()})
+        self.report({f"bad_samples/{shard}": count for shard, count in self.bad_by_shard.items()})
+        if self.bad_by_shard:
+            log.info(
+                "bad samples so far on this rank: %d (%s)",
+                self.bad_by_shard.total(),
+                ", ".join(f"{name} {count}" for name, count in self.bad_by_shard.most_common(3)),
+            )
+        self.flush()
+        return loss
+
+    # ------------------------------------------------------------------ health
+
+    def check_health(self, before_checkpoint: bool = False) -> None:
+        """Raises before anything is written when a loss, gradient or weight went non-finite or
+        too much data was bad."""
+        samples_seen = self.step * self.plan.effective_batch
+        local_step, what = self.runner.first_bad(), "the loss or the gradient norm"
+        if local_step < 0 and before_checkpoint and not self.runner.weights_are_finite():
+            local_step, what = self.step, "the weights"  # a non-finite gradient on a step not logged
+        totals = all_reduce_sum(
+            torch.tensor([float(self.bad_by_shard.total()), float(local_step >= 0)], device=self.device)
+        )
+        if totals[1].item() > 0:
+            where = (
+                f"{what} became NaN/inf at step {local_step}"
+                if local_step >= 0
+                else "another rank went NaN/inf"
+            )
+            raise NonFiniteLoss(
+                f"{where}; stopped without writing a checkpoint (last good one: "
+                f"{self.checkpoints.latest()}). Lower the lr, set optim.grad_clip, or check the data"
+            )
+        total_bad, limit = totals[0].item(), self.config.data.max_bad_fraction
+        if total_bad > 0 and total_bad > limit * (samples_seen + total_bad):
+            worst = sum(gather_objects(self.bad_by_shard), collections.Counter()).most_common(5)
+            raise TooManyBadSamples(
+                f"{int(total_bad)} bad samples out of {int(samples_seen + total_bad)} read, more than "
+                f"data.max_bad_fraction={limit}; worst shards: "
+                + ", ".join(f"{name} ({count})" for name, count in worst)
+                + "; the warnings above say what was wrong with each sample"
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def meta(self) -> CheckpointMeta:
+        task = dict(self.task.meta())
+        return self.session.meta(self.task.stage, self.step).replace(
+            data=self.data.describe(),
+            last_loss=self.last_loss,
+            model=task.pop("model", None),
+            backbone=task.pop("backbone", None),
+            extra=task,
+        )
+
+    def save(self) -> None:
+        self.checkpoints.save(self.engine, self.step, self.meta())
+        self.saved_step = self.step
+
+    def resume(self) -> None:
+        latest, meta = self.session.resume_from, self.session.resume_meta
+        if latest is None:
+            return
+        self.checkpoints.restore(self.engine, latest, meta, self.session.settings.resolved_zero_stage)
+        self.step = self.saved_step = meta.step
+        log.info("resumed from %s at step %d", latest, self.step)
+
+    def stopped_waiting(self, why: str) -> str:
+        """A stop that could not wait for an agreed step. One process checkpoints its last completed
+        step; many cannot agree on anything (a rank may be blocked or gone), so they stop without
+        touching the last checkpoint."""
+        log.warning("%s", why)
+        if self.env.world_size == 1 and self.step > self.saved_step:
+            self.check_health(before_checkpoint=True)
+            self.save()
+        else:
+            log.warning(
+                "stopping at step %d without a new checkpoint; the run resumes from %s",
+                self.step,
+                self.checkpoints.latest() or "the start",
+            )
+        return "signal"
