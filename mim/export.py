@@ -18,6 +18,7 @@ from mim import checkpoint
 from mim.errors import UserInputError
 from mim.files import atomic_path
 from mim.meta import CheckpointMeta
+from mim.models.arch import ViTArch
 from mim.models.backbone import ENCODER_DROP_PREFIXES, timm_args, timm_name
 
 
@@ -35,9 +36,7 @@ def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return encoder, decoder
 
 
-def timm_config(
-    arch: dict[str, Any], global_pool: str, mean: list[float], std: list[float]
-) -> dict[str, Any]:
+def timm_config(arch: ViTArch, global_pool: str, mean: list[float], std: list[float]) -> dict[str, Any]:
     channels = arch["in_chans"]
     model_args = dict(timm_args(arch), global_pool=global_pool)
     return {

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mim.errors import UserInputError
-from mim.models.arch import ARCH_KEYS
+from mim.models.arch import ARCH_KEYS, ViTArch
 
 META_VERSION = 2
 _WRITTEN_BY_SAVE = ("step", "versions", "git_sha", "integrity")  # added by the checkpoint writer
@@ -104,7 +104,7 @@ class CheckpointMeta:
         backbone instead."""
         return self.model is not None and "arch" in self.model
 
-    def architecture(self) -> tuple[dict[str, Any], str]:
+    def architecture(self) -> tuple[ViTArch, str]:
         """(the backbone's architecture, its global pool)."""
         if self.holds_mae:
             return {key: self.model["arch"][key] for key in ARCH_KEYS}, "token"

@@ -31,6 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from mim.engine.deepspeed_engine import REDUCE_BUCKET, model_states
+from mim.models.arch import MaeArch
 from mim.models.checkpointing import checkpoint_blocks
 from mim.models.mae import MaskedAutoencoderViT
 
@@ -44,7 +45,7 @@ GiB = 1 << 30
 
 @dataclass(frozen=True)
 class Setup:
-    arch: dict[str, Any]  # the MAE's architecture (mim.models.registry.model_args)
+    arch: MaeArch  # the MAE's architecture (mim.models.registry.model_args)
     micro_batch: int
     world_size: int
     zero_stage: int

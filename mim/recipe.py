@@ -24,7 +24,7 @@ from mim.data.reading import ReadPolicy, ShardUnreadable
 from mim.data.shards import ShardSet, open_shards, with_lengths
 from mim.data.streams import spread_subset
 from mim.engine.evaluate import EvaluationSplits, KnnSplits
-from mim.models.arch import ARCH_KEYS
+from mim.models.arch import ARCH_KEYS, MaeArch, ViTArch
 from mim.models.backbone import Weights
 from mim.models.registry import model_args
 from mim.models.target_kinds import TARGETS
@@ -72,7 +72,7 @@ def make_plan(
     )
 
 
-def check_model(model_config: Any) -> dict[str, Any]:
+def check_model(model_config: Any) -> MaeArch:
     """The resolved architecture; a clear error for impossible geometry."""
     overrides = {
         k: getattr(model_config, k)
@@ -142,7 +142,7 @@ def check_run_dir(run_dir: str) -> Path:
     return path
 
 
-def check_init(init_from: str, arch: dict[str, Any]) -> Weights | None:
+def check_init(init_from: str, arch: MaeArch) -> Weights | None:
     """Weights to start pretraining from (init.from); their encoder must have this run's shape."""
     if not init_from:
         return None
@@ -177,7 +177,7 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
     return arch, shards
 
 
-def check_target(target: Any, arch: dict[str, Any]) -> None:
+def check_target(target: Any, arch: MaeArch) -> None:
     """What relates the target keys to each other and to the model (the teacher is loaded later,
     by the pretraining task, before any work)."""
     kind = TARGETS.get(target.kind)
@@ -226,13 +226,13 @@ def check_monitor(monitor: MonitorConfig, data: DataConfig) -> KnnSplits | None:
 @dataclass
 class ClassifyInputs:
     weights: Weights | None  # None: a randomly initialised encoder
-    arch: dict[str, Any]
+    arch: ViTArch
     shards: ShardSet
     splits: EvaluationSplits  # the choice on a held-out share of data.train, data.val reported
     num_classes: int
 
 
-def _classifier_arch(config: ClassifyConfig, weights: Weights | None) -> dict[str, Any]:
+def _classifier_arch(config: ClassifyConfig, weights: Weights | None) -> ViTArch:
     if weights is not None:
         arch = dict(weights.arch)
     else:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from mim import checkpoint
-from mim.models.arch import ARCH_KEYS
+from mim.models.arch import ARCH_KEYS, ViTArch
 from mim.models.backbone import ENCODER_DROP_PREFIXES, HEADS_BY_WIDTH, BadCheckpoint, Weights, infer_arch
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def _from_mim_checkpoint(path: Path) -> Weights:
     return _weights(state, arch, f"mim {meta.stage} checkpoint {path}", checkpoint.read_meta(path))
 
 
-def _weights(state: dict, arch: dict, source: str, meta: dict) -> Weights:
+def _weights(state: dict, arch: ViTArch, source: str, meta: dict) -> Weights:
     decoder = {k: v for k, v in state.items() if k.startswith(ENCODER_DROP_PREFIXES)}
     encoder = {k: v for k, v in state.items() if not k.startswith(ENCODER_DROP_PREFIXES)}
     return Weights(encoder, arch, source, meta, decoder)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mim.config import load_config
 from mim.engine.train import train
-from mim.tasks.registry import task_class
+from mim.tasks.registry import TASKS, task_class
 from pipelines.common import config_parser, reports_user_errors, started_run
 from pipelines.requeue import requeue_if_stopped
 
@@ -41,9 +41,20 @@ def run_task(spec: str, argv: list[str] | None, prog: str, description: str) -> 
 
 @reports_user_errors("mim train")
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="mim train", description=__doc__, add_help=False)
-    parser.add_argument("--task", required=True, help="a registered task or package.module:Class")
+    parser.add_argument("--task", help="a registered task or package.module:Class")
     known, rest = parser.parse_known_args(argv)
+    if known.task is None:
+        task_class("pretrain")  # the built-in tasks register themselves on import
+        usage = (
+            "usage: mim train --task NAME_OR_PATH [--config CONFIG] [--help-config] [key=value ...]\n"
+            f"registered tasks: {', '.join(TASKS.names())}; your own: --task package.module:Class\n"
+            "(mim train --task NAME --help: that task's options)"
+        )
+        asked = any(arg in ("-h", "--help") for arg in rest)
+        print(usage, file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     return run_task(known.task, rest, f"mim train --task {known.task}", __doc__)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mim.models.arch import MaeArch
 from mim.models.backbone import Weights
 from mim.models.mae import MaskedAutoencoderViT
 from mim.models.target_kinds import TARGETS, Teachers
@@ -23,7 +24,7 @@ TEACHER_STATE = "teacher"  # the checkpoint's name for the EMA teacher's tensors
 
 class Objective:
     def __init__(
-        self, target: Any, arch: dict[str, Any], teacher: Weights | None, device: torch.device, bf16: bool
+        self, target: Any, arch: MaeArch, teacher: Weights | None, device: torch.device, bf16: bool
     ) -> None:
         """`teacher`: the weights target.teacher names, loaded (and checked) before any work."""
         self.config, self.arch, self.device, self.bf16 = target, arch, device, bf16

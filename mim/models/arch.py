@@ -1,6 +1,30 @@
-"""The keys that say a ViT encoder's shape, as checkpoints' meta, exports' config.json and the
-classifier stages' model.* name them; what a backbone must agree on to be loaded."""
+"""A ViT's architecture as it crosses files: checkpoints' meta.json (`model.arch`, `backbone.arch`),
+exports' config.json, the classifier stages' model.* and timm's keyword arguments (`**arch`). A
+typed dict, not a class, because it is all of those one-to-one; `ARCH_KEYS` are the keys a
+backbone must agree on to be loaded."""
 
 from __future__ import annotations
 
-ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+from typing import TypedDict
+
+
+class ViTArch(TypedDict):
+    img_size: int
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+
+
+class MaeArch(ViTArch):
+    """The MAE of pretraining: the encoder's shape, its decoder's, and the pixel loss."""
+
+    decoder_embed_dim: int
+    decoder_depth: int
+    decoder_num_heads: int
+    norm_pix_loss: bool
+
+
+ARCH_KEYS = tuple(ViTArch.__annotations__)

@@ -15,7 +15,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from mim.errors import UserInputError
-from mim.models.arch import ARCH_KEYS
+from mim.models.arch import ARCH_KEYS, ViTArch
 
 log = logging.getLogger(__name__)
 ENCODER_DROP_PREFIXES = ("decoder_", "mask_token", "global_head")  # pretraining-only parts
@@ -36,7 +36,7 @@ TIMM_NAMES = {  # (embed_dim, depth, patch) -> a timm architecture of that shape
 @dataclass
 class Weights:
     state: dict[str, torch.Tensor]  # encoder weights, timm / official MAE names
-    arch: dict[str, Any]  # img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio
+    arch: ViTArch
     source: str  # what it was, for messages and model cards
     meta: dict[str, Any]
     decoder: dict[str, torch.Tensor]  # decoder weights when the source had them, else empty
@@ -50,7 +50,7 @@ class BadCheckpoint(UserInputError):
 # ----------------------------------------------------------------------------- shapes
 
 
-def infer_arch(state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
+def infer_arch(state: dict[str, torch.Tensor], source: str) -> ViTArch:
     """The ViT geometry from tensor shapes (num_heads by the usual width -> heads table)."""
     try:
         proj = state["patch_embed.proj.weight"]  # (D, C, p, p)
@@ -77,17 +77,17 @@ def infer_arch(state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- timm models
 
 
-def timm_name(arch: dict[str, Any]) -> str:
+def timm_name(arch: ViTArch) -> str:
     return TIMM_NAMES.get((arch["embed_dim"], arch["depth"], arch["patch_size"]), "vit_base_patch16_224")
 
 
-def timm_args(arch: dict[str, Any]) -> dict[str, Any]:
+def timm_args(arch: ViTArch) -> dict[str, Any]:
     """Everything timm needs to rebuild our encoder, whatever the registered name's defaults."""
     return {k: arch[k] for k in ARCH_KEYS}
 
 
 def create_vit(
-    arch: dict[str, Any], num_classes: int, global_pool: str, fc_norm: bool, drop_path: float = 0.0
+    arch: ViTArch, num_classes: int, global_pool: str, fc_norm: bool, drop_path: float = 0.0
 ) -> nn.Module:
     return timm.create_model(
         timm_name(arch),

@@ -3,11 +3,10 @@ several BatchNorm+Linear heads trained at once) and the fine-tuning ViT (timm's,
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from mim.models.arch import ViTArch
 from mim.models.backbone import Weights, create_vit, load_encoder
 
 
@@ -64,7 +63,7 @@ class LinearProbe(nn.Module):
 
 
 def build_linear_probe(
-    arch: dict[str, Any],
+    arch: ViTArch,
     weights: Weights | None,
     num_classes: int,
     num_heads: int,
@@ -79,7 +78,7 @@ def build_linear_probe(
 
 
 def build_finetune_vit(
-    arch: dict[str, Any], weights: Weights | None, num_classes: int, global_pool: str, drop_path: float
+    arch: ViTArch, weights: Weights | None, num_classes: int, global_pool: str, drop_path: float
 ) -> tuple[nn.Module, dict]:
     fc_norm = global_pool == "avg"  # MAE: average pool + a new fc_norm; the pretrained norm is dropped
     model = create_vit(

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from mim.config import require
+from mim.models.arch import MaeArch
 from mim.models.targets import hog, hog_cell, hog_dim, instance_normed_average, layer_normed, resample_tokens
 from mim.registry import Registry
 
@@ -45,11 +46,11 @@ class Target:
     needs_teacher = False  # target.teacher must name a frozen teacher
     follows_student = False  # an EMA of the student: whole weights on every rank (not ZeRO 3)
 
-    def __init__(self, config: Any, arch: dict[str, Any]) -> None:
+    def __init__(self, config: Any, arch: MaeArch) -> None:
         self.config, self.arch = config, arch
 
     @classmethod
-    def check(cls, config: Any, arch: dict[str, Any]) -> None:
+    def check(cls, config: Any, arch: MaeArch) -> None:
         """Raises ConfigError where the target's keys do not fit the model; before any work."""
 
     def pred_dim(self, teacher_dim: int | None) -> int | None:

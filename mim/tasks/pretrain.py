@@ -26,6 +26,7 @@ from mim.engine.session import Session
 from mim.engine.state import CheckpointManager, shared_tensors
 from mim.engine.task import Task
 from mim.meta import CheckpointMeta
+from mim.models.arch import MaeArch
 from mim.models.backbone import Weights
 from mim.models.mae import MaskedAutoencoderViT
 from mim.models.transforms import apply_transforms
@@ -40,7 +41,7 @@ FIXED_POSITIONS = ("pos_embed", "decoder_pos_embed")
 
 @dataclass
 class PretrainInputs:
-    arch: dict[str, Any]
+    arch: MaeArch
     shards: ShardSet
     init_weights: Weights | None
     teacher: Weights | None
@@ -63,7 +64,7 @@ def initialize_from(model: MaskedAutoencoderViT, weights: Weights) -> dict:
     return {"source": weights.source, "num_loaded": len(loadable), "new": new, "ignored": ignored}
 
 
-def pretrain_view_spec(arch: dict, config: PretrainConfig) -> ViewSpec:
+def pretrain_view_spec(arch: MaeArch, config: PretrainConfig) -> ViewSpec:
     return ViewSpec(
         img_size=arch["img_size"],
         mode="L" if arch["in_chans"] == 1 else "RGB",

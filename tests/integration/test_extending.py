@@ -88,6 +88,11 @@ def test_a_task_of_ones_own_runs_through_mim_train(tmp_path, fmnist_shards):
     assert accuracy[-1] > 40.0, accuracy  # chance is 25 %
 
 
+def test_mim_train_without_a_task_lists_the_registered_ones():
+    result = run_cli("train")
+    assert result.returncode == 2 and "registered tasks: finetune, linprobe, pretrain" in result.stderr
+
+
 @pytest.mark.parametrize(
     "command, override, message",
     [
