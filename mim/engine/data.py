@@ -6,6 +6,7 @@ source with the same three methods (the cached features of a linear probe, say).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,11 +20,24 @@ from mim.data.transforms import normalize_on_device
 from mim.engine.state import StateNotKept
 
 
+class BadSamples(collections.Counter):
+    """This rank's unusable samples per shard file since the run began; a rank part, so that a
+    resumed run counts on (data.max_bad_fraction is of everything read)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"by_shard": dict(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clear()
+        self.update(state["by_shard"])
+
+
 class PositionState:
     """The `position` (a StreamPosition) as a rank part: the loop advances a copy with each batch
     of a step and keeps it once the step is complete."""
 
     position: StreamPosition
+    legacy_top_level = True  # checkpoints from before named parts kept the position at the top
 
     def state_dict(self) -> dict[str, Any]:
         return self.position.state_dict()

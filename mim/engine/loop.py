@@ -19,6 +19,7 @@ import torch
 
 from mim.distributed import all_reduce_sum, any_rank, gather_objects
 from mim.engine.callbacks import Callback
+from mim.engine.data import BadSamples
 from mim.engine.deepspeed_engine import engine_param_groups, is_partitioned
 from mim.engine.schedule import warmup_cosine
 from mim.engine.session import Session
@@ -63,7 +64,7 @@ class Loop:
         self.device, self.engine, self.runner = session.device, session.engine, session.runner
         self.step = self.saved_step = 0
         self.last_loss: float | None = None
-        self.bad_by_shard: collections.Counter[str] = collections.Counter()  # this rank's
+        self.bad_by_shard = BadSamples()  # this rank's, per shard file
 
     # ------------------------------------------------------------------ the loop
 

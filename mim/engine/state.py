@@ -134,9 +134,14 @@ class CheckpointManager:
             )
             return
         for name, part in self.rank_parts.items():
+            state = rank_state.get(name)
+            if state is None and getattr(part, "legacy_top_level", False):
+                state = rank_state  # checkpoints from before named parts kept it at the top level
+            if state is None:
+                log.info("%s holds no %s state for rank %d: it starts afresh", path, name, self.env.rank)
+                continue
             try:
-                # Checkpoints from before parts had names kept the one part at the top level.
-                part.load_state_dict(rank_state.get(name, rank_state))
+                part.load_state_dict(state)
             except StateNotKept as why:
                 log.warning("%s: %s", name, why)
                 return

@@ -32,4 +32,6 @@ def train(task: Task, env: DistEnv, device: torch.device, stop: StopSignal | Non
     if env.is_main and config.log.tensorboard:
         callbacks.append(TensorBoard(session.run_dir))
     callbacks += task.callbacks(session)
-    return Loop(session, task, data, checkpoints, callbacks, stop).run()
+    loop = Loop(session, task, data, checkpoints, callbacks, stop)
+    checkpoints.add_rank_part("bad_samples", loop.bad_by_shard)
+    return loop.run()

@@ -139,6 +139,30 @@ def test_too_many_bad_samples_stops_naming_the_worst_shards(tmp_path, fmnist_sha
     assert "train-00000" not in result.stderr.split("worst shards:")[1].split(";")[0]
 
 
+def test_bad_sample_counts_travel_in_the_checkpoint_across_a_resume(tmp_path, fmnist_shards):
+    """The bad samples of each shard are a rank part of the checkpoint: a run stopped and resumed
+    ends with the same counts as a straight run (so data.max_bad_fraction is of everything read)."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for tar in sorted(fmnist_shards["train"].glob("*.tar"))[:1]:
+        (shards / tar.name).write_bytes(tar.read_bytes())
+    with wds.TarWriter(str(shards / "junk-000000.tar"), encoder=False) as writer:
+        for index in range(20):
+            writer.write({"__key__": f"{index:06d}", "png": b"\x89PNG not really", "cls": b"0"})
+
+    def bad_counts(run):
+        state = torch.load(checkpoint.latest_checkpoint(run) / "rank-00000.pt", weights_only=False)
+        return state["bad_samples"]["by_shard"]
+
+    lenient = ("data.max_bad_fraction=0.9", "data.shards_per_chunk=1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli(*args(straight, shards, *lenient)).returncode == 0
+    first = run_cli(*args(resumed, shards, *lenient, "run.stop_after=8"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert run_cli(*args(resumed, shards, *lenient)).returncode == 0
+    assert bad_counts(straight) == bad_counts(resumed) and bad_counts(straight).get("junk-000000.tar", 0) > 0
+
+
 def _file_size_limit(limit_bytes):
     def apply():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
