@@ -46,8 +46,9 @@ class ClassifyTask(Task):
         super().__init__(config, inputs, env, device)
         self.report: dict[str, Any] = {}
         self.evaluation: ClassificationEvaluation | None = None
-        self.source: Any = None
-        self.precision = ""
+        self.source: Any = None  # the training data: streamed images or cached features
+        self.session: Session | None = None
+        self.optimizer = config.optim.optimizer
         self.view_spec = ViewSpec(
             inputs.arch["img_size"],
             "L" if inputs.arch["in_chans"] == 1 else "RGB",
@@ -90,7 +91,7 @@ class ClassifyTask(Task):
         raise NotImplementedError
 
     def data(self, session: Session):
-        self.session, self.precision = session, session.precision
+        self.session = session
         stream = StreamData(
             self.config, self.inputs.shards, self.view_spec, self.env.rank, self.device, session.input_dtype
         )
@@ -131,7 +132,7 @@ class ClassifyTask(Task):
                 if model is engine.module:
                     return self.logits(engine, inputs)
                 # a gathered copy (ZeRO 3): the engine's autocast, by hand
-                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=session.precision == "bf16"):
                     return self.logits(model, inputs)
 
             data = self.config.data
@@ -175,7 +176,6 @@ class Linprobe(ClassifyTask):
 
     def __init__(self, config: Any, inputs: ClassifyInputs, env, device: torch.device) -> None:
         super().__init__(config, inputs, env, device)
-        self.optimizer = config.optim.optimizer
         self.head_losses: torch.Tensor | None = None  # each head's loss summed since the last log
 
     @classmethod
@@ -254,7 +254,6 @@ class Finetune(ClassifyTask):
 
     def __init__(self, config: Any, inputs: ClassifyInputs, env, device: torch.device) -> None:
         super().__init__(config, inputs, env, device)
-        self.optimizer = config.optim.optimizer
         augment = config.augment
         self.mixup = None
         if augment.mixup > 0 or augment.cutmix > 0:

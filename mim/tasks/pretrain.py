@@ -142,8 +142,11 @@ class Pretrain(Task):
     def callbacks(self, session: Session) -> list[Callback]:
         config, callbacks = self.config, []
         bf16 = session.precision == "bf16"
-        if self.init is not None:
-            callbacks.append(InitLoss(self))
+        pictures = None
+        if config.log.tensorboard and (config.log.recon_every or self.init is not None):
+            pictures = Pictures(self, self.objective.target.predicts_pixels)
+        if self.init is not None and pictures is not None:  # its loss is of the pictures' fixed batch
+            callbacks.append(InitLoss(self, pictures))
         if self.inputs.monitor_splits is not None:
             monitor = KnnMonitor(
                 config.monitor,
@@ -155,8 +158,7 @@ class Pretrain(Task):
                 bf16,
             )
             callbacks.append(monitor)
-        if config.log.tensorboard and (config.log.recon_every or self.init is not None):
-            pictures = Pictures(self, self.objective.target.predicts_pixels)
+        if pictures is not None:
             callbacks.append(pictures)
         return callbacks
 
@@ -213,15 +215,12 @@ class InitLoss(Callback):
     """Pretraining from init.from: the loss of the fixed batch before any step, logged and in
     TensorBoard (train/loss_at_init), recorded in meta.json's init."""
 
-    def __init__(self, task: Pretrain) -> None:
-        self.task = task
+    def __init__(self, task: Pretrain, pictures: Pictures) -> None:
+        self.task, self.pictures = task, pictures
 
     def before_loop(self, loop) -> None:
-        pictures = next((c for c in loop.callbacks if isinstance(c, Pictures)), None)
-        if pictures is None:
-            return
-        with loop.session.unsharded() as module:
-            loss = fixed_batch_loss(self.task, module, pictures.fixed, loop.data.normalize)
+        with loop.session.unsharded() as module:  # every rank: at ZeRO 3 the weights are gathered
+            loss = fixed_batch_loss(self.task, module, self.pictures.fixed, loop.data.normalize)
         if loss is None:
             return
         init = self.task.init
