@@ -57,7 +57,7 @@ class Setup:
 
 
 @dataclass(frozen=True)
-class Plan:
+class MemoryPlan:
     setup: Setup
     parameters: float
     gradients: float
@@ -278,7 +278,7 @@ def _counts(arch: tuple, pred_dim: int | None) -> tuple[int, int, int]:
     return trained, frozen, whole
 
 
-def plan(setup: Setup) -> Plan:
+def plan(setup: Setup) -> MemoryPlan:
     trained, frozen, whole = _param_counts(setup)
     world, stage = setup.world_size, setup.zero_stage
     parameters, gradients, optimizer = model_states(trained, world, stage, setup.optimizer, frozen)
@@ -296,7 +296,7 @@ def plan(setup: Setup) -> Plan:
     buffers = 4.0 * min(REDUCE_BUCKET, trained) if stage >= 2 else 0.0
     if stage == 3 and world > 1:
         buffers += 4.0 * min(PREFETCH_BUCKET, trained + frozen - whole)
-    return Plan(
+    return MemoryPlan(
         setup=setup,
         parameters=parameters,
         gradients=gradients,

@@ -33,7 +33,9 @@ from mim.weights import load_weights
 
 
 @dataclass(frozen=True)
-class Plan:
+class TrainingPlan:
+    """What a run does, derived once from its config: the effective batch, the lr, its epochs in steps."""
+
     effective_batch: int  # samples per optimizer step, all ranks and micro-steps together
     lr: float
     samples_per_epoch: int
@@ -59,10 +61,10 @@ def process_counts_for(effective_batch: int, limit: int = 1024) -> list[int]:
 
 def make_plan(
     optim: OptimConfig, schedule: ScheduleConfig, batch_size: int, world_size: int, samples_per_epoch: int
-) -> Plan:
+) -> TrainingPlan:
     effective_batch = batch_size * optim.accum_steps * world_size
     steps_per_epoch = max(1, samples_per_epoch // effective_batch)
-    return Plan(
+    return TrainingPlan(
         effective_batch=effective_batch,
         lr=optim.lr if optim.lr is not None else optim.blr * effective_batch / 256,
         samples_per_epoch=samples_per_epoch,
