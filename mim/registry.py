@@ -23,9 +23,10 @@ class UnknownPart(UserInputError):
 
 
 class Registry:
-    def __init__(self, what: str, key: str) -> None:
-        """`what`: what a part is ("target"); `key`: where users name one ("target.kind")."""
-        self.what, self.key = what, key
+    def __init__(self, what: str, key: str, base: type | None = None) -> None:
+        """`what`: what a part is ("target"); `key`: where users name one ("target.kind"); `base`:
+        the class a part must subclass (None: any callable)."""
+        self.what, self.key, self.base = what, key, base
         self._parts: dict[str, Any] = {}
 
     def register(self, name: str) -> Callable[[Any], Any]:
@@ -68,6 +69,14 @@ class Registry:
             part = getattr(part, name, None)
             if part is None:
                 raise UnknownPart(f"{self.key}={spec!r}: {module_name} has no {attribute!r}")
+        fits = isinstance(part, type) and issubclass(part, self.base) if self.base else callable(part)
+        if not fits:
+            expected = (
+                f"a subclass of {self.base.__module__}.{self.base.__qualname__}"
+                if self.base
+                else "a function"
+            )
+            raise UnknownPart(f"{self.key}={spec!r} is not a {self.what}: expected {expected}, got {part!r}")
         if not getattr(part, "registered_name", None):
             part.registered_name = spec
         return part

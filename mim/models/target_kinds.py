@@ -25,8 +25,6 @@ from mim.models.arch import MaeArch
 from mim.models.targets import hog, hog_cell, hog_dim, instance_normed_average, layer_normed, resample_tokens
 from mim.registry import Registry
 
-TARGETS = Registry("target", "target.kind")
-
 
 @dataclass
 class Teachers:
@@ -66,6 +64,9 @@ class Target:
         """Settings beyond kind, loss and global weight that meta.json records (resume refuses
         other ones)."""
         return {}
+
+
+TARGETS = Registry("target", "target.kind", base=Target)
 
 
 @TARGETS.register("pixels")

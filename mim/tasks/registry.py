@@ -4,9 +4,10 @@ finetune` run the registered ones; `mim train --task NAME_OR_PATH` runs any, you
 
 from __future__ import annotations
 
+from mim.engine.task import Task
 from mim.registry import Registry
 
-TASKS = Registry("task", "--task")
+TASKS = Registry("task", "--task", base=Task)
 
 
 def task_class(spec: str) -> type:
