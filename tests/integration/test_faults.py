@@ -122,16 +122,21 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert all(torch.isfinite(v).all() for v in load_file(str(last_good / checkpoint.WEIGHTS_FILE)).values())
 
 
+def with_junk_shard(folder, fmnist_shards, good, junk):
+    """`good` real training shards and junk-000000.tar: `junk` samples that are not images."""
+    folder.mkdir()
+    for tar in sorted(fmnist_shards["train"].glob("*.tar"))[:good]:
+        (folder / tar.name).write_bytes(tar.read_bytes())
+    with wds.TarWriter(str(folder / "junk-000000.tar"), encoder=False) as writer:
+        for index in range(junk):
+            writer.write({"__key__": f"{index:06d}", "png": b"\x89PNG not really", "cls": b"0"})
+    return folder
+
+
 def test_too_many_bad_samples_stops_naming_the_worst_shards(tmp_path, fmnist_shards):
     """Good shards plus one of corrupt images: past data.max_bad_fraction the run stops (exit 3)
     with an error naming that shard, after writing nothing from the bad stretch."""
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    for tar in sorted(fmnist_shards["train"].glob("*.tar"))[:3]:
-        (shards / tar.name).write_bytes(tar.read_bytes())
-    with wds.TarWriter(str(shards / "junk-000000.tar"), encoder=False) as writer:
-        for index in range(60):
-            writer.write({"__key__": f"{index:06d}", "png": b"\x89PNG not really", "cls": b"0"})
+    shards = with_junk_shard(tmp_path / "shards", fmnist_shards, good=3, junk=60)
     run = tmp_path / "run"
     result = run_cli(*args(run, shards, "data.max_bad_fraction=0.05", "data.shards_per_chunk=1"))
     assert result.returncode == 3, result.stderr[-3000:]
@@ -142,13 +147,7 @@ def test_too_many_bad_samples_stops_naming_the_worst_shards(tmp_path, fmnist_sha
 def test_bad_sample_counts_travel_in_the_checkpoint_across_a_resume(tmp_path, fmnist_shards):
     """The bad samples of each shard are a rank part of the checkpoint: a run stopped and resumed
     ends with the same counts as a straight run (so data.max_bad_fraction is of everything read)."""
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    for tar in sorted(fmnist_shards["train"].glob("*.tar"))[:1]:
-        (shards / tar.name).write_bytes(tar.read_bytes())
-    with wds.TarWriter(str(shards / "junk-000000.tar"), encoder=False) as writer:
-        for index in range(20):
-            writer.write({"__key__": f"{index:06d}", "png": b"\x89PNG not really", "cls": b"0"})
+    shards = with_junk_shard(tmp_path / "shards", fmnist_shards, good=1, junk=20)
 
     def bad_counts(run):
         state = torch.load(checkpoint.latest_checkpoint(run) / "rank-00000.pt", weights_only=False)
