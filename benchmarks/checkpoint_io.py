@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mim import checkpoint  # noqa: E402
+from mim import checkpoint, rng  # noqa: E402
 from mim.distributed import init_distributed, read_dist_env  # noqa: E402
 from mim.engine import checkpointer, portable  # noqa: E402
 from mim.engine.deepspeed_engine import EngineSettings, build_engine  # noqa: E402
@@ -85,14 +85,14 @@ def trained_engine(name: str, device: torch.device):
 
 
 def mim_save(engine, run_dir: Path, step: int) -> Path:
-    rank_state = {"rng": checkpoint.rng_state(), "positions": {}}
+    rank_state = {"rng": rng.rng_state(), "positions": {}}
     return checkpointer.save(engine, run_dir, step, 0, rank_state, CheckpointMeta("pretrain", {}), 1000, lambda: None)
 
 
 def plain_save(engine, run_dir: Path, step: int) -> Path:
     directory = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.step_name(step)
     engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
-    torch.save({"rng": checkpoint.rng_state(), "positions": {}}, directory / "rank-00000.pt")
+    torch.save({"rng": rng.rng_state(), "positions": {}}, directory / "rank-00000.pt")
     weights = {k: v.detach().float().cpu().contiguous() for k, v in engine.module.state_dict().items()}
     save_file(weights, str(directory / checkpoint.WEIGHTS_FILE))
     meta = {"stage": "pretrain", "step": step, "versions": checkpoint.versions(), "git_sha": checkpoint.git_sha()}

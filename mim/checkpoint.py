@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import random
 import re
 import shutil
 import subprocess
@@ -290,25 +289,6 @@ def versions() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- per-rank state
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_rank_state(directory: Path, rank: int, state: dict[str, Any]) -> dict[str, dict]:

@@ -73,6 +73,10 @@ def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
         persistent_workers=False,
         worker_init_fn=_ignore_stop_signals,
         waiting="waiting for training data",
+        # The stream seeds every sample's view itself; the loader's base seed comes from a private
+        # generator, so starting it (again, on resume) leaves the global RNG, which drop path and
+        # mixup draw from, where the checkpoint put it.
+        generator=torch.Generator(),
     )
 
 

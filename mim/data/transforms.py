@@ -172,7 +172,10 @@ def train_view(
     if flip:
         view = view.flip(-1)
     if extra is not None:
-        random.seed(rng.getrandbits(64))  # timm's RandAugment draws from the global RNG: make it per sample
+        # timm's RandAugment draws from the global RNGs (its ops from numpy's, their magnitudes and
+        # probabilities from Python's): seeded per sample, so a view depends on the sample alone
+        random.seed(rng.getrandbits(64))
+        np.random.seed(rng.getrandbits(32))
         view = to_uint8_tensor(extra(Image.fromarray(view.permute(1, 2, 0).squeeze(-1).numpy(), mode)))
     return view
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from mim import checkpoint
+from mim import checkpoint, rng
 from mim.distributed import DistEnv, barrier, gather_objects
 from mim.engine import checkpointer
 from mim.errors import TrainingStopped
@@ -43,10 +43,10 @@ class RngState:
     """This process's random generators (torch, Python, CUDA)."""
 
     def state_dict(self) -> dict[str, Any]:
-        return checkpoint.rng_state()
+        return rng.rng_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        checkpoint.set_rng_state(state)
+        rng.set_rng_state(state)
 
 
 class CheckpointManager:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from mim import rng
 from mim.distributed import DistEnv
 from mim.engine.callbacks import Callback, TensorBoard
 from mim.engine.loop import Loop, Outcome
@@ -20,6 +21,7 @@ def train(task: Task, env: DistEnv, device: torch.device, stop: StopSignal | Non
     session = Session(config, env, device, checkpoints, task.samples_per_epoch())
     if session.resume_from is not None:  # refused before any engine exists
         task.check_resumable(session.resume_meta, session.resume_from)
+    rng.seed_rngs(config.run.seed)
     model, groups = task.build()
     settings = session.engine_settings(groups, task.optimizer)
     task.prepare(session.resume_from, settings)

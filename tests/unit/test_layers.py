@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 # The first prefix that a module's dotted name starts with gives its layer.
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("mim.errors", "mim.runtime", "mim.distributed", "mim.files", "mim.resources", "mim.config")),
-    (0, ("mim.pictures", "mim.slurm", "mim.registry", "mim.__init__", "mim.__main__")),
+    (0, ("mim.pictures", "mim.slurm", "mim.registry", "mim.rng", "mim.__init__", "mim.__main__")),
     (1, ("mim.models", "mim.data", "mim.visualize")),
     (2, ("mim.checkpoint", "mim.meta", "mim.weights")),
     (3, ("mim.engine", "mim.recipe")),
