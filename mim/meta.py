@@ -34,6 +34,9 @@ class CheckpointMeta:
     last_loss: float | None = None
     model: dict[str, Any] | None = None  # pretraining: the MAE's registered name and arch
     backbone: dict[str, Any] | None = None  # a classifier: its backbone's arch and source
+    # The weights files hold only the trained parameters (a parameter-efficient fine-tune); the
+    # frozen ones are the backbone's that `backbone["reference"]` names and sums (mim.weights).
+    trained_only: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     step: int = 0
     meta_version: int = META_VERSION
@@ -68,6 +71,7 @@ class CheckpointMeta:
             last_loss=tree.pop("last_loss", None),
             model=tree.pop("model", None),
             backbone=tree.pop("backbone", None),
+            trained_only=bool(tree.pop("trained_only", False)),
             step=int(tree.pop("step", 0)),
             extra=tree,
             meta_version=version,
@@ -90,6 +94,8 @@ class CheckpointMeta:
             tree["model"] = self.model
         if self.backbone is not None:
             tree["backbone"] = self.backbone
+        if self.trained_only:
+            tree["trained_only"] = True
         extra = {k: v for k, v in self.extra.items() if k not in _WRITTEN_BY_SAVE}
         return {**tree, **extra, "last_loss": self.last_loss}
 

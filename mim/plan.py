@@ -1,4 +1,5 @@
-"""The memory plan of a pretraining run, per process, before any accelerator is bought.
+"""The memory plan of a pretraining or fine-tuning run (timm's ViT classifier on whole images,
+its `finetune.method` applied), per process, before any accelerator is bought.
 
     parameters   the fp32 weights (ZeRO 3: this process's slices, plus the tensors that stay
                  whole, plus those DeepSpeed gathers and keeps for the step)
@@ -30,9 +31,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from mim.config import FinetuneMethodConfig
 from mim.engine.deepspeed_engine import REDUCE_BUCKET, model_states
-from mim.models.arch import MaeArch
+from mim.models.arch import ARCH_KEYS, MaeArch
+from mim.models.backbone import create_vit
 from mim.models.checkpointing import checkpoint_blocks
+from mim.models.finetuning import method_of
 from mim.models.mae import MaskedAutoencoderViT
 
 USABLE_SHARE = 0.92
@@ -54,6 +58,9 @@ class Setup:
     mask_ratio: float = 0.75
     optimizer: str = "adamw"
     pred_dim: int | None = None  # the decoder's output per patch; None: pixels
+    task: str = "pretrain"  # or "finetune": the encoder with a classifier head, every patch seen
+    method: tuple[tuple[str, Any], ...] = ()  # finetune: the finetune.* keys, as items
+    num_classes: int = 1000  # finetune: the head's
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class MemoryPlan:
     activations: float
     buffers: float
     num_params: int
+    trained: int = 0  # parameters with gradients and optimizer state
 
     @property
     def total(self) -> float:
@@ -155,12 +163,21 @@ class _Trace(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _meta_model(setup: Setup) -> MaskedAutoencoderViT:
+def _meta_model(setup: Setup) -> nn.Module:
     with torch.device("meta"):
-        model = MaskedAutoencoderViT(**setup.arch, pred_dim=setup.pred_dim)
-    for blocks in (model.blocks, model.decoder_blocks):
+        if setup.task == "finetune":
+            arch = {key: setup.arch[key] for key in ARCH_KEYS}
+            model = create_vit(arch, num_classes=setup.num_classes, global_pool="avg", fc_norm=True)
+            method_of(FinetuneMethodConfig(**dict(setup.method))).apply(model)
+        else:
+            model = MaskedAutoencoderViT(**setup.arch, pred_dim=setup.pred_dim)
+    for blocks in _block_lists(model):
         checkpoint_blocks(blocks, setup.grad_checkpointing)
     return model
+
+
+def _block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    return [model.blocks, *([model.decoder_blocks] if hasattr(model, "decoder_blocks") else [])]
 
 
 def saved_bytes(setup: Setup, batch: int) -> tuple[float, float, float]:
@@ -195,17 +212,12 @@ def saved_bytes(setup: Setup, batch: int) -> tuple[float, float, float]:
         block.register_forward_pre_hook(before)
         block.register_forward_hook(after)
 
-    for block in (*model.blocks, *model.decoder_blocks):
-        block_hooks(block)
-    size, channels = setup.arch["img_size"], setup.arch["in_chans"]
-    images = torch.empty(batch, channels, size, size, device="meta")
-    noise = torch.empty(batch, model.num_patches, device="meta").uniform_()
-    target = None
-    if setup.pred_dim is not None:
-        target = torch.empty(batch, model.num_patches, setup.pred_dim, device="meta")
+    for blocks in _block_lists(model):
+        for block in blocks:
+            block_hooks(block)
     mode = _Trace(bf16=setup.precision == "bf16")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), mode:
-        model(images, mask_ratio=setup.mask_ratio, noise=noise, target=target)
+        _forward(model, setup, batch)
     unsaved_casts = 0.0
     if mode.bf16:  # the cache: a bf16 copy of every matmul's weight and bias, less what backward keeps
         cached = sum(
@@ -222,6 +234,21 @@ def saved_bytes(setup: Setup, batch: int) -> tuple[float, float, float]:
     return float(sum(held.values())), float(max(per_block, default=0)), float(unsaved_casts)
 
 
+def _forward(model: nn.Module, setup: Setup, batch: int) -> None:
+    """The training forward of `batch` images (on the meta device): a fine-tune's classifier, or the
+    MAE with its masking and loss."""
+    size, channels = setup.arch["img_size"], setup.arch["in_chans"]
+    images = torch.empty(batch, channels, size, size, device="meta")
+    if setup.task == "finetune":
+        model(images)
+        return
+    noise = torch.empty(batch, model.num_patches, device="meta").uniform_()
+    target = None
+    if setup.pred_dim is not None:
+        target = torch.empty(batch, model.num_patches, setup.pred_dim, device="meta")
+    model(images, mask_ratio=setup.mask_ratio, noise=noise, target=target)
+
+
 def _key(setup: Setup) -> tuple:
     """What the activations depend on besides the batch (hashable, for the cache)."""
     return (
@@ -230,6 +257,9 @@ def _key(setup: Setup) -> tuple:
         setup.grad_checkpointing,
         setup.mask_ratio,
         setup.pred_dim,
+        setup.task,
+        setup.method,
+        setup.num_classes,
     )
 
 
@@ -237,8 +267,10 @@ def _key(setup: Setup) -> tuple:
 def _activation_terms(key: tuple) -> tuple[tuple[float, float], ...]:
     """(per image, fixed) of: the saved bytes, the largest block's, the unsaved casts, and what
     a recomputed block holds. Every shape grows with the batch, so two traces give them all."""
-    arch, precision, every, mask_ratio, pred_dim = key
-    setup = Setup(dict(arch), 1, 1, 0, precision, every, mask_ratio, pred_dim=pred_dim)
+    arch, precision, every, mask_ratio, pred_dim, task, method, num_classes = key
+    setup = Setup(
+        dict(arch), 1, 1, 0, precision, every, mask_ratio, "adamw", pred_dim, task, method, num_classes
+    )
     one, two = saved_bytes(setup, 1), saved_bytes(setup, 2)
     terms = [(b - a, 2 * a - b) for a, b in zip(one, two, strict=True)]
     if every:  # a checkpointed block, recomputed in backward, holds what it holds unchecked
@@ -266,12 +298,16 @@ def activation_bytes(setup: Setup, batch: int | None = None) -> float:
 
 def _param_counts(setup: Setup) -> tuple[int, int, int]:
     """(trained, frozen, trained in tensors DeepSpeed keeps whole at ZeRO 3) parameter values."""
-    return _counts(tuple(sorted(setup.arch.items())), setup.pred_dim)
+    key = (setup.pred_dim, setup.task, setup.method, setup.num_classes)
+    return _counts(tuple(sorted(setup.arch.items())), *key)
 
 
 @functools.lru_cache(maxsize=64)
-def _counts(arch: tuple, pred_dim: int | None) -> tuple[int, int, int]:
-    model = _meta_model(Setup(dict(arch), 1, 1, 0, pred_dim=pred_dim))
+def _counts(
+    arch: tuple, pred_dim: int | None, task: str, method: tuple, num_classes: int
+) -> tuple[int, int, int]:
+    setup = Setup(dict(arch), 1, 1, 0, pred_dim=pred_dim, task=task, method=method, num_classes=num_classes)
+    model = _meta_model(setup)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     whole = sum(p.numel() for p in model.parameters() if p.numel() < PERSISTENCE_THRESHOLD)
@@ -304,6 +340,7 @@ def plan(setup: Setup) -> MemoryPlan:
         activations=activation_bytes(setup),
         buffers=buffers,
         num_params=trained + frozen,
+        trained=trained,
     )
 
 

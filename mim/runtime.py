@@ -8,12 +8,14 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +180,22 @@ class Progress:
         eta = (self.total - count) / overall if overall > 0 else float("inf")
         self.last_time, self.last_count = now, count
         return rate, eta
+
+
+def peak_memory(device: Any) -> dict[str, Any]:
+    """This process's peak memory so far: what torch's CUDA allocator held at most on a GPU, the
+    resident peak of the process (VmHWM, which includes the Python heap) on the CPU."""
+    if device.type == "cuda":
+        import torch
+
+        return {
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "measured": "max_memory_allocated",
+        }
+    return {
+        "peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "measured": "resident peak",
+    }
 
 
 def format_duration(seconds: float) -> str:

@@ -8,16 +8,21 @@ from the tensor shapes; explicit overrides win.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from mim import checkpoint
+from mim.config import ConfigError
+from mim.meta import CheckpointMeta
 from mim.models.arch import ARCH_KEYS, ViTArch
 from mim.models.backbone import ENCODER_DROP_PREFIXES, HEADS_BY_WIDTH, BadCheckpoint, Weights, infer_arch
+from mim.models.finetuning import from_description
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +56,59 @@ def _from_mim_checkpoint(path: Path) -> Weights:
     meta = checkpoint.load_meta(path)
     state = checkpoint.load_weights(path)
     arch, _ = meta.architecture()
+    if meta.trained_only:
+        state = from_description(meta.extra["finetune"]).merge(with_backbone(state, meta, path))
     state = _split_known_prefixes(state)
-    return _weights(state, arch, f"mim {meta.stage} checkpoint {path}", checkpoint.read_meta(path))
+    weights = _weights(state, arch, f"mim {meta.stage} checkpoint {path}", checkpoint.read_meta(path))
+    weights.path = str(path.resolve())
+    return weights
+
+
+def digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and values: what a checkpoint of trained
+    weights alone records of the backbone it adapts."""
+    summed = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        summed.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        summed.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return summed.hexdigest()
+
+
+def backbone_reference(weights: Weights, dropped: list[str]) -> dict[str, Any]:
+    """What a checkpoint of trained weights alone records of its backbone: where it was read, its
+    digest, and the backbone's keys the fine-tuned model does not have (`dropped`)."""
+    return {"path": weights.path, "sha256": digest(weights.state), "dropped": sorted(dropped)}
+
+
+def check_backbone(recorded: dict[str, Any], weights: Weights, what: str) -> None:
+    """ConfigError unless `weights` are the backbone `recorded` (backbone_reference) names."""
+    found = digest(weights.state)
+    if found != recorded.get("sha256"):
+        raise ConfigError(
+            f"{what} holds trained weights for the backbone {recorded.get('path')} (sha256 "
+            f"{str(recorded.get('sha256'))[:12]}...), but the backbone read now, {weights.source}, "
+            f"differs (sha256 {found[:12]}...): it moved or changed. Point init.from at the "
+            "backbone the run started from"
+        )
+
+
+def with_backbone(
+    trained: dict[str, torch.Tensor], meta: CheckpointMeta, where: Path
+) -> dict[str, torch.Tensor]:
+    """A checkpoint of trained weights alone (`meta.trained_only`) completed with the frozen
+    weights of the backbone it records, checked against its sha256."""
+    recorded = (meta.backbone or {}).get("reference") or {}
+    path = recorded.get("path")
+    if not path or not Path(path).exists():
+        raise ConfigError(
+            f"{where} holds only the weights a fine-tune trained; the backbone they adapt, "
+            f"{path or '(none recorded)'}, is not there"
+        )
+    backbone = load_weights(path)
+    check_backbone(recorded, backbone, str(where))
+    dropped = set(recorded.get("dropped", []))
+    return {**{k: v for k, v in backbone.state.items() if k not in dropped}, **trained}
 
 
 def _weights(state: dict, arch: ViTArch, source: str, meta: dict) -> Weights:
@@ -73,6 +129,12 @@ def load_weights(spec: str) -> Weights:
         if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
             return _from_export(path)
         raise BadCheckpoint(f"{path} is neither a mim run dir, a mim checkpoint, nor a mim export")
+    weights = _from_file(path)
+    weights.path = str(path.resolve())
+    return weights
+
+
+def _from_file(path: Path) -> Weights:
     if path.suffix == ".safetensors":
         state = load_file(str(path))
         if (path.parent / "config.json").is_file() and path.name == "model.safetensors":
@@ -99,6 +161,7 @@ def _from_export(directory: Path) -> Weights:
     state = load_file(str(directory / "model.safetensors"))
     decoder_file = directory / "decoder.safetensors"
     weights = _weights(state, arch, f"mim export {directory}", config)
+    weights.path = str(directory.resolve())
     if decoder_file.is_file():
         weights.decoder = load_file(str(decoder_file))
     return weights

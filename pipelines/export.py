@@ -1,5 +1,7 @@
 """`mim export RUN_DIR_OR_CHECKPOINT --out DIR`: a backbone downstream teams load with timm alone:
-model.safetensors (timm names, encoder only), config.json, README.md (model card)."""
+model.safetensors (timm names, encoder only), config.json, README.md (model card). A
+parameter-efficient fine-tune (finetune.method) also writes its trained weights alone,
+adapter.safetensors and adapter.json, and the merged model only where its method merges."""
 
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--with-decoder", action="store_true", help="also write decoder.safetensors (pretraining)"
     )
-    args = parser.parse_args(argv)
-    out = export(args.source, args.out, args.dtype, args.with_decoder)
-    print(
-        f"exported to {out}: model.safetensors, config.json, README.md"
-        + (", decoder.safetensors" if args.with_decoder else "")
+    parser.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="a parameter-efficient fine-tune: only adapter.safetensors and adapter.json",
     )
+    args = parser.parse_args(argv)
+    written = export(args.source, args.out, args.dtype, args.with_decoder, args.adapter_only)
+    print(f"exported to {args.out}: {', '.join(written)}")
     return 0
 
 

@@ -299,6 +299,28 @@ class ProbeConfig:
 
 
 @dataclass
+class FinetuneMethodConfig:
+    method: str = key(
+        "full",
+        "which weights train (the head always does): full, lora, adapter, prompt, last_blocks "
+        "(docs/finetuning.md), or your own as package.module:Class",
+    )
+    lora_rank: int = key(8, "lora: rank of each low-rank update", bounds=">= 1")
+    lora_alpha: float = key(16.0, "lora: the update is scaled by lora_alpha / lora_rank", bounds="> 0")
+    lora_dropout: float = key(0.0, "lora: dropout on the update's input", bounds="[0, 1)")
+    lora_targets: list[str] = key(
+        ["qkv", "proj", "fc1", "fc2"],
+        "lora: the linear layers of each block that get an update (attention: qkv, proj; MLP: fc1, fc2)",
+    )
+    adapter_width: int = key(64, "adapter: bottleneck width of each block's parallel adapter", bounds=">= 1")
+    adapter_scale: float = key(0.1, "adapter: its output's scale, added to the block's MLP", bounds="> 0")
+    prompt_tokens: int = key(10, "prompt: learned tokens prepended in every block (VPT-deep)", bounds=">= 1")
+    last_blocks: int = key(
+        1, "last_blocks: how many of the last blocks train (with the final norm)", bounds=">= 1"
+    )
+
+
+@dataclass
 class AugmentConfig:
     randaug: str = key("rand-m9-mstd0.5-inc1", "a timm RandAugment string; empty: none", stages=(FINETUNE,))
     mixup: float = key(0.8, "mixup alpha; 0: off", bounds=">= 0", stages=(FINETUNE,))
@@ -333,6 +355,9 @@ class ClassifyConfig(StageConfig):
     model: ClassifierModelConfig = section(ClassifierModelConfig, "the backbone's shape and the head")
     optim: ClassifyOptimConfig = section(ClassifyOptimConfig, "optimizer and lr")
     probe: ProbeConfig = section(ProbeConfig, "the linear heads", stages=(LINPROBE,))
+    finetune: FinetuneMethodConfig = section(
+        FinetuneMethodConfig, "what fine-tuning trains: every weight or a few percent", stages=(FINETUNE,)
+    )
     augment: AugmentConfig = section(AugmentConfig, "training augmentation")
     eval: EvalConfig = section(EvalConfig, "evaluation: the choice of head and epoch, and data.val")
 

@@ -97,9 +97,12 @@ def save(
     sums: dict[str, dict] = {}
     try:
         with _summing(engine, sums):
-            engine.save_checkpoint(str(root), tag=temporary.name, save_latest=False)
+            engine.save_checkpoint(
+                str(root), tag=temporary.name, save_latest=False, exclude_frozen_parameters=meta.trained_only
+            )
         sums.update(save_rank_state(temporary, rank, rank_state))
-        weights = full_state_dict(engine, rank)  # every rank: at ZeRO 3 it gathers the partitions
+        # every rank: at ZeRO 3 it gathers the partitions
+        weights = full_state_dict(engine, rank, trained_only=meta.trained_only)
         if rank == 0:
             save_file(weights, str(temporary / WEIGHTS_FILE))  # 10x faster than safetensors' bytes + write
             sums[WEIGHTS_FILE] = file_entry(temporary / WEIGHTS_FILE)  # read back from the page cache
@@ -140,7 +143,7 @@ def restore(engine: Any, checkpoint: Path, meta: CheckpointMeta, stage: int, wor
         engine.load_checkpoint(
             str(checkpoint.parent),
             tag=checkpoint.name,
-            load_module_strict=True,
+            load_module_strict=not meta.trained_only,
             load_lr_scheduler_states=False,
         )
         return
@@ -152,7 +155,7 @@ def restore(engine: Any, checkpoint: Path, meta: CheckpointMeta, stage: int, wor
         stage,
         world_size,
     )
-    portable.load_into(engine, load_weights(checkpoint), optimizer_state(checkpoint))
+    portable.load_into(engine, load_weights(checkpoint), optimizer_state(checkpoint), meta.trained_only)
 
 
 def optimizer_state(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:

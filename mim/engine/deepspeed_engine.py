@@ -222,21 +222,35 @@ def is_partitioned(engine) -> bool:
     return engine.zero_optimization_stage() == 3
 
 
-def full_state_dict(engine, rank: int, device: torch.device | str = "cpu", everywhere: bool = False):
+def full_state_dict(
+    engine,
+    rank: int,
+    device: torch.device | str = "cpu",
+    everywhere: bool = False,
+    trained_only: bool = False,
+):
     """The module's state dict with whole fp32 tensors on `device`: on rank 0 only (None elsewhere),
-    or on every rank with `everywhere`. Every rank calls it: at stage 3 each parameter is gathered
-    from its partitions in turn (one parameter's whole size at a time on the accelerator)."""
+    or on every rank with `everywhere`; with `trained_only`, without the frozen parameters. Every
+    rank calls it: at stage 3 each parameter is gathered from its partitions in turn (one
+    parameter's whole size at a time on the accelerator)."""
     module = engine.module
     wanted = everywhere or rank == 0
+    frozen = frozen_names(module) if trained_only else set()
     if not is_partitioned(engine):
         if not wanted:
             return None
-        return {k: v.detach().float().to(device).contiguous() for k, v in module.state_dict().items()}
+        return {
+            k: v.detach().float().to(device).contiguous()
+            for k, v in module.state_dict().items()
+            if k not in frozen
+        }
     import deepspeed
 
     parameters = dict(module.named_parameters())
     state = {}
     for name, value in module.state_dict(keep_vars=True).items():
+        if name in frozen:
+            continue
         if name not in parameters:  # buffers are never partitioned
             if wanted:
                 state[name] = value.detach().float().to(device).contiguous()
@@ -245,6 +259,10 @@ def full_state_dict(engine, rank: int, device: torch.device | str = "cpu", every
             if wanted:
                 state[name] = parameters[name].detach().float().to(device).clone()
     return state if wanted else None
+
+
+def frozen_names(module: nn.Module) -> set[str]:
+    return {name for name, parameter in module.named_parameters() if not parameter.requires_grad}
 
 
 def skeleton(model: nn.Module) -> nn.Module:

@@ -62,6 +62,7 @@ class Loop:
         self.callbacks, self.stop = callbacks, stop
         self.config, self.plan, self.env = session.config, session.plan, session.env
         self.device, self.engine, self.runner = session.device, session.engine, session.runner
+        self.step_seconds = float("nan")  # of the steps since the last log line
         self.step = self.saved_step = 0
         self.last_loss: float | None = None
         self.bad_by_shard = BadSamples()  # this rank's, per shard file
@@ -178,6 +179,7 @@ class Loop:
         micro_losses = num_steps * self.config.optim.accum_steps * self.env.world_size
         loss = all_reduce_sum(loss_sum.clone()).item() / micro_losses
         rate, eta = progress.update(self.step, self.plan.effective_batch)
+        self.step_seconds = self.plan.effective_batch / rate if rate > 0 else float("nan")
         lr = max(group["lr"] for group in engine_param_groups(self.engine))
         grad_norm = float(self.runner.grad_norm) if self.runner.grad_norm is not None else float("nan")
         samples = self.step * self.plan.effective_batch
@@ -247,6 +249,7 @@ class Loop:
             last_loss=self.last_loss,
             model=task.pop("model", None),
             backbone=task.pop("backbone", None),
+            trained_only=self.task.trained_only,
             extra=task,
         )
 

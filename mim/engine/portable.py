@@ -119,14 +119,19 @@ def _from_partitioned_shards(
 
 
 def load_into(
-    engine: Any, weights: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]]
+    engine: Any,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, dict[str, torch.Tensor]],
+    trained_only: bool = False,
 ) -> None:
     """Sets the engine's module to `weights` and its optimizer to `state`, at whatever stage and on
-    however many processes it runs (every rank calls it)."""
+    however many processes it runs (every rank calls it). `trained_only`: `weights` lack the frozen
+    parameters, which keep the values the module has."""
+    _check_names(engine.module, weights, trained_only)
     if engine.zero_optimization_stage() == 3:
         _load_partitioned(engine, weights, state)
         return
-    engine.module.load_state_dict(weights, strict=True)
+    engine.module.load_state_dict(weights, strict=False)
     named = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
     missing = [name for name, _ in named if name not in state]
     if missing:
@@ -157,6 +162,17 @@ def load_into(
             safe_set_full_optimizer_state(parameter, state[name][key].to(parameter.device), key)
 
 
+def _check_names(module: Any, weights: dict[str, torch.Tensor], trained_only: bool) -> None:
+    expected = set(module.state_dict())
+    if trained_only:
+        expected -= {name for name, parameter in module.named_parameters() if not parameter.requires_grad}
+    if set(weights) != expected:
+        raise UserInputError(
+            f"the checkpoint's weights do not fit this model: missing {sorted(expected - set(weights))[:5]}, "
+            f"unexpected {sorted(set(weights) - expected)[:5]}"
+        )
+
+
 def _load_partitioned(
     engine: Any, weights: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]]
 ) -> None:
@@ -165,13 +181,7 @@ def _load_partitioned(
     import deepspeed
 
     module = engine.module
-    expected = set(module.state_dict())
-    if set(weights) != expected:
-        raise UserInputError(
-            f"the checkpoint's weights do not fit this model: missing {sorted(expected - set(weights))[:5]}, "
-            f"unexpected {sorted(set(weights) - expected)[:5]}"
-        )
-    named = list(module.named_parameters())
+    named = [(name, parameter) for name, parameter in module.named_parameters() if name in weights]
     missing = [name for name, p in named if p.requires_grad and name not in state]
     if missing:
         raise UserInputError(f"the checkpoint's optimizer state has no entry for {missing[:5]}")

@@ -30,6 +30,9 @@ class Task:
     name: ClassVar[str] = ""  # what meta.json's "stage" records; resume refuses another task's
     schema: ClassVar[type]  # the config class (mim.config) this task reads
     optimizer: ClassVar[str] = "adamw"
+    # Checkpoints hold only the trained parameters: the frozen ones come back from the backbone
+    # the task's meta records under backbone["reference"] (mim.weights.backbone_reference).
+    trained_only: bool = False
 
     def __init__(self, config: Any, inputs: Any, env: DistEnv, device: torch.device) -> None:
         """`inputs`: what `check` returned."""

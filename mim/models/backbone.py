@@ -41,6 +41,7 @@ class Weights:
     meta: dict[str, Any]
     decoder: dict[str, torch.Tensor]  # decoder weights when the source had them, else empty
     guessed: frozenset[str] = frozenset()  # arch keys not stored in the source (num_heads of a bare file)
+    path: str = ""  # the file or checkpoint directory it was read from, resolved (a run dir's newest)
 
 
 class BadCheckpoint(UserInputError):

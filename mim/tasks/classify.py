@@ -14,7 +14,7 @@ from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 
-from mim.config import FinetuneConfig, LinprobeConfig, require
+from mim.config import ConfigError, FinetuneConfig, LinprobeConfig, require
 from mim.data.streams import ViewSpec, eval_spec
 from mim.distributed import all_reduce_sum
 from mim.engine.callbacks import Callback
@@ -23,12 +23,15 @@ from mim.engine.evaluate import evaluate
 from mim.engine.optim import param_groups
 from mim.engine.session import Session
 from mim.engine.task import Task
+from mim.meta import CheckpointMeta
 from mim.models.classifier import build_finetune_vit, build_linear_probe
+from mim.models.finetuning import method_of, trainable_share
 from mim.models.transforms import apply_transforms
 from mim.recipe import ClassifyInputs, check_classify
 from mim.tasks.cached import CachedFeatures
 from mim.tasks.evaluation import ClassificationEvaluation
 from mim.tasks.registry import TASKS
+from mim.weights import backbone_reference, check_backbone
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +251,32 @@ class Linprobe(ClassifyTask):
 
 @TASKS.register("finetune")
 class Finetune(ClassifyTask):
+    """Fine-tuning by `finetune.method` (mim.models.finetuning): every weight, or a few percent of
+    them with the backbone frozen; then checkpoints hold the trained weights and a checksummed
+    reference to the backbone."""
+
     name = "finetune"
     schema = FinetuneConfig
     randaug = True
 
+    @classmethod
+    def check(cls, config: Any) -> ClassifyInputs:
+        inputs = check_classify(config)
+        method = method_of(config.finetune)
+        method.check(inputs.arch)
+        if method.partial and inputs.weights is None:
+            raise ConfigError(
+                f"finetune.method={config.finetune.method} adapts a pretrained backbone, but "
+                "init.from=none gives a random one; set init.from (or finetune.method=full)"
+            )
+        return inputs
+
     def __init__(self, config: Any, inputs: ClassifyInputs, env, device: torch.device) -> None:
         super().__init__(config, inputs, env, device)
+        self.method = method_of(config.finetune)
+        self.trained_only = self.method.partial
+        self.share: dict[str, Any] = {}
+        self.reference: dict[str, Any] | None = None
         augment = config.augment
         self.mixup = None
         if augment.mixup > 0 or augment.cutmix > 0:
@@ -272,11 +295,42 @@ class Finetune(ClassifyTask):
         model, self.report = build_finetune_vit(
             inputs.arch, inputs.weights, inputs.num_classes, config.model.global_pool, config.model.drop_path
         )
+        self.method.apply(model)
+        self.share = trainable_share(model)
+        log.info(
+            "finetune.method=%s: %d of %d weights train (%.2f%%)",
+            self.method.name,
+            self.share["trainable"],
+            self.share["total"],
+            self.share["trainable_percent"],
+        )
         apply_transforms(model, config)
         groups = param_groups(
             model, config.optim.weight_decay, config.optim.layer_decay, inputs.arch["depth"]
         )
         return model, groups
+
+    def description(self) -> dict[str, Any]:
+        return dict(super().description(), finetune={**self.method.describe(), **self.share})
+
+    def meta(self) -> dict[str, Any]:
+        meta = dict(super().meta(), finetune=self.method.describe())
+        if self.trained_only:
+            if self.reference is None:  # summed once: a large backbone takes seconds
+                self.reference = backbone_reference(self.inputs.weights, self.report["unexpected"])
+            meta["backbone"] = dict(meta["backbone"], reference=self.reference)
+        return meta
+
+    def check_resumable(self, meta: CheckpointMeta, path) -> None:
+        super().check_resumable(meta, path)
+        written = (meta.extra.get("finetune") or {"method": "full"})["method"]
+        if written != self.method.name:
+            raise ConfigError(
+                f"cannot resume from {path} with finetune.method={self.method.name}: it was written "
+                f"by finetune.method={written}; resume with that, or use a new run.dir"
+            )
+        if meta.trained_only:
+            check_backbone(meta.backbone["reference"], self.inputs.weights, str(path))
 
     def loss(
         self, engine: Any, inputs: torch.Tensor, labels: torch.Tensor, step: int, micro: int

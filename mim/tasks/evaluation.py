@@ -15,6 +15,7 @@ from typing import Any
 from mim.engine.callbacks import Callback
 from mim.engine.evaluate import EvaluationSplits
 from mim.files import atomic_write_text
+from mim.runtime import peak_memory
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -89,6 +90,14 @@ class ClassificationEvaluation(Callback):
             loop.report({"test/top1": test["top1"][head]})
         self.metrics["evaluations"].append(record)
         self.summarize(before=step + 1)
+        self.metrics["cost"] = {"step_seconds": round(loop.step_seconds, 4), **peak_memory(loop.device)}
+        log.info(
+            "%s cost so far: %.3f s/step, peak memory %.2f GiB (%s)",
+            self.stage,
+            loop.step_seconds,
+            self.metrics["cost"]["peak_memory_gib"],
+            self.metrics["cost"]["measured"],
+        )
         if self.is_main:
             atomic_write_text(self.path, json.dumps(self.metrics, indent=1))
         return record
