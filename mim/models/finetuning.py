@@ -152,7 +152,7 @@ def add_low_rank(linear: nn.Linear, rank: int, alpha: float, dropout: float) -> 
     if linear.lora_a.device.type != "meta":
         nn.init.kaiming_uniform_(linear.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
     linear.lora_scale = alpha / rank
-    linear.lora_dropout = nn.Dropout(dropout)
+    linear.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
 
 # finetune.lora_targets: a block's linear layers, and the width of their input (the narrowest
