@@ -189,12 +189,14 @@ def saved_bytes(setup: Setup, batch: int) -> tuple[float, float, float]:
     model = _meta_model(setup)
     parameters = {p.untyped_storage()._cdata for p in model.parameters()}
     held: dict[int, int] = {}
+    kept: list[torch.Tensor] = []  # alive until the count ends: no storage address is reused
     per_block: list[int] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if storage._cdata not in parameters:
             held.setdefault(storage._cdata, storage.nbytes())
+            kept.append(tensor)
         return tensor
 
     def block_hooks(block: nn.Module):
@@ -202,9 +204,12 @@ def saved_bytes(setup: Setup, batch: int) -> tuple[float, float, float]:
 
         def before(module, inputs):
             start["bytes"] = sum(held.values())
+            # a checkpointed block keeps its input unless backward never reaches it (frozen, frozen input)
+            trained = any(p.requires_grad for p in module.parameters())
             if getattr(type(module), "checkpointed", False) and torch.is_grad_enabled():
                 for value in inputs:
-                    pack(value)
+                    if trained or value.requires_grad:
+                        pack(value)
 
         def after(module, inputs, output):
             per_block.append(sum(held.values()) - start["bytes"])
@@ -235,8 +240,7 @@ def saved_bytes(setup: Setup, batch: int) -> tuple[float, float, float]:
 
 
 def _forward(model: nn.Module, setup: Setup, batch: int) -> None:
-    """The training forward of `batch` images (on the meta device): a fine-tune's classifier, or the
-    MAE with its masking and loss."""
+    """The training forward of `batch` images: a fine-tune's classifier, or the MAE with its loss."""
     size, channels = setup.arch["img_size"], setup.arch["in_chans"]
     images = torch.empty(batch, channels, size, size, device="meta")
     if setup.task == "finetune":
@@ -267,10 +271,8 @@ def _key(setup: Setup) -> tuple:
 def _activation_terms(key: tuple) -> tuple[tuple[float, float], ...]:
     """(per image, fixed) of: the saved bytes, the largest block's, the unsaved casts, and what
     a recomputed block holds. Every shape grows with the batch, so two traces give them all."""
-    arch, precision, every, mask_ratio, pred_dim, task, method, num_classes = key
-    setup = Setup(
-        dict(arch), 1, 1, 0, precision, every, mask_ratio, "adamw", pred_dim, task, method, num_classes
-    )
+    arch, precision, every, mask_ratio, *rest = key  # rest: pred_dim, task, method, num_classes
+    setup = Setup(dict(arch), 1, 1, 0, precision, every, mask_ratio, "adamw", *rest)
     one, two = saved_bytes(setup, 1), saved_bytes(setup, 2)
     terms = [(b - a, 2 * a - b) for a, b in zip(one, two, strict=True)]
     if every:  # a checkpointed block, recomputed in backward, holds what it holds unchecked
@@ -303,11 +305,8 @@ def _param_counts(setup: Setup) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _counts(
-    arch: tuple, pred_dim: int | None, task: str, method: tuple, num_classes: int
-) -> tuple[int, int, int]:
-    setup = Setup(dict(arch), 1, 1, 0, pred_dim=pred_dim, task=task, method=method, num_classes=num_classes)
-    model = _meta_model(setup)
+def _counts(arch: tuple, *rest: Any) -> tuple[int, int, int]:  # rest: pred_dim, task, method, classes
+    model = _meta_model(Setup(dict(arch), 1, 1, 0, "fp32", 0, 0.75, "adamw", *rest))
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     whole = sum(p.numel() for p in model.parameters() if p.numel() < PERSISTENCE_THRESHOLD)

@@ -10,7 +10,8 @@ import torch
 from mim.config import ConfigError, FinetuneMethodConfig
 from mim.models.backbone import create_vit
 from mim.models.finetuning import method_of, trainable_share, trained_names
-from mim.plan import Setup, plan
+from mim.models.registry import model_args
+from mim.plan import Setup, plan, saved_bytes
 from tests.conftest import run_cli
 
 ARCH = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=3, num_heads=2, mlp_ratio=4.0)
@@ -118,6 +119,16 @@ def test_the_plan_of_a_lora_fine_tune_counts_what_trains_and_holds_less_than_ful
     assert plans["lora"].num_params == sum(p.numel() for p in model.parameters())
     assert plans["lora"].gradients < plans["full"].gradients / 5
     assert plans["lora"].total < plans["full"].total
+
+
+def test_the_plan_of_a_partial_fine_tune_counts_the_same_every_time():
+    """Each storage autograd keeps is counted once, by its address: the counted tensors stay alive
+    until the count ends, so a freed one's address, reused, is not mistaken for it (a 7B
+    last_blocks fine-tune, whose frozen blocks free their tensors, counted differently before)."""
+    arch = model_args("mae_vit_7b_patch14")
+    setup = Setup(arch, 8, 1, 0, "bf16", 1, task="finetune", method=(("method", "last_blocks"),))
+    counts = [saved_bytes(setup, 8)[0] for _ in range(4)]
+    assert len(set(counts)) == 1
 
 
 def test_plan_cli_plans_a_lora_fine_tune_of_the_7b_on_one_gpu():
