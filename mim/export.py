@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mim import checkpoint
@@ -215,14 +216,24 @@ def load_adapted(backbone: str, adapter_dir: str | Path) -> torch.nn.Module:
     takes: the pretraining run, its checkpoint or export) with the method's modules and trained
     weights from `adapter_dir`. The backbone must be the one the adapter was trained on (sha256)."""
     adapter_dir = Path(adapter_dir)
-    description = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    files = [adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_FILE]
+    if not all(path.is_file() for path in files):
+        raise UserInputError(
+            f"{adapter_dir} is not an adapter export: expected {ADAPTER_CONFIG} and {ADAPTER_FILE} "
+            "(mim export of a fine-tune with finetune.method other than full)"
+        )
+    try:
+        description = json.loads(files[0].read_text())
+        trained_state = load_file(str(files[1]))
+    except (ValueError, OSError, SafetensorError) as error:  # a damaged JSON or safetensors file
+        raise UserInputError(f"{adapter_dir}: cannot read the adapter export: {error}") from None
     weights = load_weights(backbone)
     check_backbone(description["backbone"], weights, str(adapter_dir))
     model, _ = build_finetune_vit(
         description["arch"], weights, description["num_classes"], description["global_pool"], 0.0
     )
     from_description(description["method"]).apply(model)
-    result = model.load_state_dict(load_file(str(adapter_dir / ADAPTER_FILE)), strict=False)
+    result = model.load_state_dict(trained_state, strict=False)
     trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     if result.unexpected_keys or trained & set(result.missing_keys):
         raise UserInputError(

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from mim import checkpoint
+from mim.errors import UserInputError
 from mim.export import load_adapted
 from mim.models import create_model
 from mim.weights import load_weights
@@ -144,6 +145,12 @@ def test_adapter_export_writes_the_adapter_alone_and_says_why(runs, tmp_path, ba
     assert {"adapter.safetensors", "adapter.json", "README.md"} <= {p.name for p in out.iterdir()}
     model = load_adapted(str(backbone), out)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    damaged = (out / "adapter.safetensors").read_bytes()
+    (out / "adapter.safetensors").write_bytes(damaged[: len(damaged) // 2])
+    with pytest.raises(UserInputError, match="cannot read the adapter export"):
+        load_adapted(str(backbone), out)
+    with pytest.raises(UserInputError, match="is not an adapter export"):
+        load_adapted(str(backbone), tmp_path)
 
 
 def test_a_resumed_lora_run_ends_bit_identical(tmp_path, fmnist_shards, backbone):
