@@ -3,6 +3,7 @@ images are scaled up by a whole factor with nearest neighbour, so every patch st
 
 from __future__ import annotations
 
+import colorsys
 import math
 from pathlib import Path
 
@@ -26,6 +27,27 @@ def heat_colours(values: torch.Tensor) -> torch.Tensor:
     weight = (position - low).unsqueeze(-1)
     colours = _HEAT[low] * (1 - weight) + _HEAT[low + 1] * weight  # (*S, 3)
     return colours.movedim(-1, 0) / 255
+
+
+def class_colours(num_classes: int) -> torch.Tensor:
+    """(num_classes, 3) RGB in [0, 1]: class 0 (background, as segmentation shards have it) dark
+    grey, the others hues spread around the colour wheel by the golden ratio, at alternating
+    brightness, so neighbouring labels never look alike."""
+    colours = [
+        colorsys.hsv_to_rgb(label * 0.618034 % 1.0, 0.8, 0.95 if label % 2 == 0 else 0.75)
+        for label in range(num_classes)
+    ]
+    table = torch.tensor(colours, dtype=torch.float32).reshape(num_classes, 3)
+    table[0] = 0.15
+    return table
+
+
+def label_picture(labels: torch.Tensor, colours: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """(H, W) class indices -> (3, H, W) colours; ignored pixels (and unknown labels) white."""
+    known = (labels >= 0) & (labels < len(colours)) & (labels != ignore_index)
+    picture = torch.ones(3, *labels.shape)
+    picture[:, known] = colours[labels[known]].T
+    return picture
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -53,11 +75,13 @@ def titled_grid(
     min_cell: int = MIN_CELL,
     heading: str = "",
     colour_scale: tuple[str, str] | None = None,
+    legend: list[tuple[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Columns of images (each (N, C, H, W), values in [0, 1], C 1 or 3) side by side, one row per
     image, a title over each column -> one uint8 picture (3, height, width). `heading`: what the
     picture shows, over the whole width; `colour_scale`: (low, high) labels of a heat_colours bar
-    drawn under the rows, for pictures where colour carries a value."""
+    drawn under the rows, for pictures where colour carries a value; `legend`: (name, RGB colour in
+    [0, 1]) swatches under the rows, for pictures where colour names a class."""
     if len(columns) != len(titles):
         raise ValueError(f"{len(columns)} columns but {len(titles)} titles")
     num_rows, _, height, width = columns[0].shape
@@ -73,7 +97,9 @@ def titled_grid(
     header = top + line_height * max(len(lines) for lines in wrapped) + 4
     rows_bottom = header + num_rows * cell_h + (num_rows + 1) * GAP
     bar_height = 2 * line_height + 8 if colour_scale else 0
-    canvas = Image.new("RGB", (total_w, rows_bottom + bar_height), BACKGROUND)
+    entries = _legend_layout(measure, legend or [], font, total_w, line_height)
+    legend_height = (max(row for row, _, _, _ in entries) + 1) * line_height + 6 if entries else 0
+    canvas = Image.new("RGB", (total_w, rows_bottom + bar_height + legend_height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for line_number, line in enumerate(heading_lines):
         draw.text((4, 3 + line_number * line_height), line, fill=(0, 0, 0), font=font)
@@ -95,7 +121,26 @@ def titled_grid(
             canvas.paste(tile, (left, header + GAP + row * (cell_h + GAP)))
     if colour_scale:
         _colour_bar(draw, canvas, (4, rows_bottom + 4, total_w - 4, line_height), colour_scale, font)
+    for row, left, name, colour in entries:
+        top = rows_bottom + bar_height + 4 + row * line_height
+        swatch = tuple(int(round(float(c) * 255)) for c in colour)
+        draw.rectangle(
+            (left, top + 1, left + line_height - 4, top + line_height - 3), fill=swatch, outline=(0, 0, 0)
+        )
+        draw.text((left + line_height, top), name, fill=(0, 0, 0), font=font)
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
+
+
+def _legend_layout(measure, legend: list[tuple[str, torch.Tensor]], font, width: int, line_height: int):
+    """(row, left, name, colour) of each legend entry, entries flowing left to right in rows."""
+    entries, row, left = [], 0, 4
+    for name, colour in legend:
+        entry_w = line_height + measure.textlength(name, font=font) + 10
+        if left + entry_w > width and left > 4:
+            row, left = row + 1, 4
+        entries.append((row, left, name, colour))
+        left += entry_w
+    return entries
 
 
 def _colour_bar(draw, canvas, box: tuple[int, int, int, int], labels: tuple[str, str], font) -> None:

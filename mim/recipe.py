@@ -3,6 +3,7 @@ here, before any work starts."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from mim.config import (
 from mim.data.holdout import Holdout
 from mim.data.members import check_keys
 from mim.data.reading import ReadPolicy, ShardUnreadable
+from mim.data.segmentation import DEFAULT_IGNORE_INDEX
 from mim.data.shards import ShardSet, open_shards, with_lengths
 from mim.data.streams import spread_subset
 from mim.engine.evaluate import EvaluationSplits, KnnSplits
@@ -302,6 +304,36 @@ def check_classify(config: ClassifyConfig) -> ClassifyInputs:
         name = f"the held-out {config.eval.holdout:.0%} of data.train ({len(held)} samples)"
         splits = EvaluationSplits(val_shards, replace(shards, held_out=None), held, name)
     return ClassifyInputs(weights, arch, shards, splits, num_classes)
+
+
+@dataclass
+class SegmentInputs(ClassifyInputs):
+    ignore_index: int = DEFAULT_IGNORE_INDEX
+    eval_size: int = 0  # the short side images are evaluated at
+
+
+def check_segment(config: Any) -> SegmentInputs:
+    """Validates a segprobe config before any work: what check_classify checks, and the
+    segmentation keys against the shards and the backbone."""
+    inputs = check_classify(config)
+    seg = config.seg
+    for key, split in (("data.train", inputs.shards), ("data.val", inputs.splits.test)):
+        require(split.num_samples, f"{key} {getattr(config.data, key.split('.')[1])} holds no samples")
+    require(
+        seg.blocks <= inputs.arch["depth"],
+        f"seg.blocks must be at most the encoder's depth {inputs.arch['depth']}, got {seg.blocks}",
+    )
+    require(
+        len(seg.scale) == 2 and seg.scale[0] <= seg.scale[1],
+        f"seg.scale must be [low, high] with low <= high, got {seg.scale}",
+    )
+    ignore = seg.ignore_index
+    if ignore is None:
+        ignore = (
+            inputs.shards.ignore_index if inputs.shards.ignore_index is not None else DEFAULT_IGNORE_INDEX
+        )
+    fields = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(ClassifyInputs)}
+    return SegmentInputs(**fields, ignore_index=ignore, eval_size=seg.eval_size or inputs.arch["img_size"])
 
 
 def check_transforms(config: Any) -> None:

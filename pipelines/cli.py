@@ -11,6 +11,7 @@ STAGES = {
     "train": "any task by name, your own as --task package.module:Class (docs/extending.md)",
     "linprobe": "linear probing of a backbone: frozen encoder, several heads, top-1/top-5",
     "finetune": "supervised fine-tuning of a backbone (or from scratch with init.from=none)",
+    "segprobe": "segmentation probe of a frozen backbone: a head on its patch tokens, mIoU",
     "knn": "a kNN classifier on frozen features: a quick check of any checkpoint",
     "export": "a backbone for timm: model.safetensors + config.json + model card",
     "submit": "render slurm/mim.sbatch for a stage (or a chain of stages) and submit it",

@@ -15,6 +15,7 @@ from mim.errors import UserInputError
 
 DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp;bmp;gif;tif;tiff;ppm"  # data.image_key (mim.data.members)
 DEFAULT_LABEL_KEY = "cls"  # data.label_key: what `mim shards` writes
+DEFAULT_MASK_KEY = "seg.png;mask.png"  # data.mask_key: `mim shards` writes seg.png
 
 
 class ConfigError(UserInputError):
@@ -23,9 +24,10 @@ class ConfigError(UserInputError):
 
 # ----------------------------------------------------------------------------- declaring keys
 
-PRETRAIN, LINPROBE, FINETUNE = "pretrain", "linprobe", "finetune"
-STAGES = (PRETRAIN, LINPROBE, FINETUNE)
+PRETRAIN, LINPROBE, FINETUNE, SEGPROBE = "pretrain", "linprobe", "finetune", "segprobe"
+STAGES = (PRETRAIN, LINPROBE, FINETUNE, SEGPROBE)
 CLASSIFY = (LINPROBE, FINETUNE)
+EVALUATE = (LINPROBE, FINETUNE, SEGPROBE)  # the stages that evaluate a backbone on data.val
 
 
 @dataclass(frozen=True)

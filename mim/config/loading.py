@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from mim.config.declare import ConfigError, Declared, check_declared, shown
-from mim.config.schema import SCHEMAS
+from mim.config.stages import SCHEMAS
 from mim.files import atomic_write_text
 from mim.resources import recipes, shipped
 

@@ -1,5 +1,6 @@
-"""The config schema: one dataclass section per concern, one root schema per stage
-(PretrainConfig, LinprobeConfig, FinetuneConfig); every key declared once with `key(...)`."""
+"""The config schema's sections that several stages read: one dataclass per concern, every key
+declared once with `key(...)`. The root schema of each stage, and the sections only the
+evaluation stages read, are in mim.config.stages."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from mim.config.declare import (
     CLASSIFY,
     DEFAULT_IMAGE_KEY,
     DEFAULT_LABEL_KEY,
+    DEFAULT_MASK_KEY,
+    EVALUATE,
     FINETUNE,
     LINPROBE,
     PRETRAIN,
+    SEGPROBE,
     key,
     section,
 )
@@ -65,13 +69,13 @@ class DataConfig:
     val: str = key(
         "",
         "labelled shards the result is reported on (the test split), given as data.train is",
-        stages=CLASSIFY,
+        stages=EVALUATE,
     )
     batch_size: int = key(
         64,
         "samples per process (per GPU) per micro-step",
         bounds=">= 1",
-        per_stage={LINPROBE: 512, FINETUNE: 128},
+        per_stage={LINPROBE: 512, FINETUNE: 128, SEGPROBE: 16},
     )
     num_workers: int = key(10, "loader worker processes per training process", bounds=">= 0")
     samples_per_epoch: int | None = key(
@@ -83,8 +87,9 @@ class DataConfig:
     retry_wait: float = key(1.0, "seconds before the first retry, doubled for each next", bounds=">= 0")
     crop_scale: list[float] = key(
         [0.2, 1.0],
-        "RandomResizedCrop area range [low, high] of the training view",
+        "RandomResizedCrop area range [low, high] of the training view (segprobe: seg.scale)",
         bounds="(0, 1]",
+        stages=(PRETRAIN, *CLASSIFY),
         per_stage={LINPROBE: [0.08, 1.0], FINETUNE: [0.08, 1.0]},
     )
     hflip: bool = key(True, "random horizontal flips of the training view")
@@ -95,13 +100,21 @@ class DataConfig:
     max_bad_fraction: float = key(
         0.01, "stop when more than this fraction of the samples read is unreadable", bounds="[0, 1)"
     )
-    reduced_decode: bool = key(True, "decode JPEGs at 1/2, 1/4 or 1/8 scale where the crop stays sharp")
+    reduced_decode: bool = key(
+        True, "decode JPEGs at 1/2, 1/4 or 1/8 scale where the crop stays sharp", stages=(PRETRAIN, *CLASSIFY)
+    )
     image_key: str = key(
         DEFAULT_IMAGE_KEY, "the sample's image: the first of these members present (;-separated)"
     )
     label_key: str = key(
         DEFAULT_LABEL_KEY,
         "the label (classification, kNN monitor): a member (cls) or json:FIELD of the .json",
+        stages=(PRETRAIN, *CLASSIFY),
+    )
+    mask_key: str = key(
+        DEFAULT_MASK_KEY,
+        "the sample's segmentation mask (a PNG of class indices): the first of these members present",
+        stages=(SEGPROBE,),
     )
 
 
@@ -111,17 +124,20 @@ class OptimConfig:
         1.5e-4,
         "base lr: lr = blr x effective batch / 256 (linprobe: probe.blrs)",
         bounds="> 0",
-        stages=(PRETRAIN, FINETUNE),
-        per_stage={FINETUNE: 5e-4},
+        stages=(PRETRAIN, FINETUNE, SEGPROBE),
+        per_stage={FINETUNE: 5e-4, SEGPROBE: 1e-3},
     )
     lr: float | None = key(
-        None, "absolute lr; overrides blr when set", bounds="> 0", stages=(PRETRAIN, FINETUNE)
+        None, "absolute lr; overrides blr when set", bounds="> 0", stages=(PRETRAIN, FINETUNE, SEGPROBE)
     )
     min_lr: float = key(
         0.0, "lr at the end of the cosine schedule", bounds=">= 0", per_stage={FINETUNE: 1e-6}
     )
     weight_decay: float = key(
-        0.05, "decoupled weight decay (not on biases and norms)", bounds=">= 0", per_stage={LINPROBE: 0.0}
+        0.05,
+        "decoupled weight decay (not on biases and norms)",
+        bounds=">= 0",
+        per_stage={LINPROBE: 0.0, SEGPROBE: 1e-4},
     )
     betas: list[float] = key(
         [0.9, 0.95], "Adam betas [beta1, beta2]", bounds="[0, 1)", per_stage={FINETUNE: [0.9, 0.999]}
@@ -153,10 +169,13 @@ class ScheduleConfig:
         800,
         "length of the run in epochs of data.samples_per_epoch",
         bounds="> 0",
-        per_stage={LINPROBE: 90, FINETUNE: 100},
+        per_stage={LINPROBE: 90, FINETUNE: 100, SEGPROBE: 40},
     )
     warmup_epochs: float = key(
-        40, "linear lr warm-up, then cosine decay", bounds=">= 0", per_stage={LINPROBE: 10, FINETUNE: 5}
+        40,
+        "linear lr warm-up, then cosine decay",
+        bounds=">= 0",
+        per_stage={LINPROBE: 10, FINETUNE: 5, SEGPROBE: 1},
     )
 
 
@@ -165,7 +184,7 @@ class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3, "auto"] = key(
         "auto",
         "ZeRO stage (3: the weights partitioned too); auto: the lowest whose model states fit half the device memory",
-        per_stage={LINPROBE: 0},
+        per_stage={LINPROBE: 0, SEGPROBE: 0},
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = key(
         "auto", "auto: bf16 (autocast, fp32 weights) on CUDA, fp32 elsewhere"
@@ -261,115 +280,3 @@ class StageConfig:
     deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "ZeRO, precision, compilation")
     run: RunConfig = section(RunConfig, "run directory, checkpoints, stopping")
     log: LogConfig = section(LogConfig, "console and TensorBoard")
-
-
-@dataclass
-class PretrainConfig(StageConfig):
-    STAGE: ClassVar[str] = PRETRAIN
-    model: ModelConfig = section(ModelConfig, "the MAE: encoder and decoder shape, masking")
-    optim: OptimConfig = section(OptimConfig, "AdamW and its lr")
-    target: TargetConfig = section(TargetConfig, "what the decoder (and the cls token) learn to predict")
-    monitor: MonitorConfig = section(MonitorConfig, "online kNN accuracy of the encoder during pretraining")
-
-
-# ----------------------------------------------------------------------------- evaluation stages
-
-
-@dataclass
-class ClassifierModelConfig(EncoderGeometry):
-    name: str = key("", "init.from=none: the registered MAE variant whose encoder is trained from scratch")
-    global_pool: Literal["token", "avg"] = key(
-        "avg",
-        "the feature: token (cls token) or avg (patch tokens' mean)",
-        per_stage={LINPROBE: "token"},
-    )
-    drop_path: float = key(0.1, "stochastic depth rate of the encoder", bounds="[0, 1)", stages=(FINETUNE,))
-    num_classes: int | None = key(
-        None, "classes of the head; null: those in the training shards' _info.json", bounds=">= 1"
-    )
-
-
-@dataclass
-class ProbeConfig:
-    blrs: list[float] = key([0.1], "one head per base lr, trained together; each reported", bounds="> 0")
-    cache_features: bool = key(
-        False, "run the frozen backbone once on centre crops and train the heads on cached features"
-    )
-    blocks: int = key(1, "the feature: the last n blocks' pooled outputs side by side", bounds=">= 1")
-
-
-@dataclass
-class FinetuneMethodConfig:
-    method: str = key(
-        "full",
-        "which weights train (the head always does): full, lora, adapter, prompt, last_blocks "
-        "(docs/finetuning.md), or your own as package.module:Class",
-    )
-    lora_rank: int = key(8, "lora: rank of each low-rank update", bounds=">= 1")
-    lora_alpha: float = key(16.0, "lora: the update is scaled by lora_alpha / lora_rank", bounds="> 0")
-    lora_dropout: float = key(0.0, "lora: dropout on the update's input", bounds="[0, 1)")
-    lora_targets: list[str] = key(
-        ["qkv", "proj", "fc1", "fc2"],
-        "lora: the linear layers of each block that get an update (attention: qkv, proj; MLP: fc1, fc2)",
-    )
-    adapter_width: int = key(64, "adapter: bottleneck width of each block's parallel adapter", bounds=">= 1")
-    adapter_scale: float = key(0.1, "adapter: its output's scale, added to the block's MLP", bounds="> 0")
-    prompt_tokens: int = key(10, "prompt: learned tokens prepended in every block (VPT-deep)", bounds=">= 1")
-    last_blocks: int = key(
-        1, "last_blocks: how many of the last blocks train (with the final norm)", bounds=">= 1"
-    )
-
-
-@dataclass
-class AugmentConfig:
-    randaug: str = key("rand-m9-mstd0.5-inc1", "a timm RandAugment string; empty: none", stages=(FINETUNE,))
-    mixup: float = key(0.8, "mixup alpha; 0: off", bounds=">= 0", stages=(FINETUNE,))
-    cutmix: float = key(1.0, "cutmix alpha; 0: off", bounds=">= 0", stages=(FINETUNE,))
-    label_smoothing: float = key(
-        0.0, "label smoothing of the cross-entropy", bounds="[0, 1)", per_stage={FINETUNE: 0.1}
-    )
-    reprob: float = key(0.25, "random erasing probability", bounds="[0, 1]", stages=(FINETUNE,))
-
-
-@dataclass
-class EvalConfig:
-    every_epochs: float = key(
-        1.0,
-        "epochs between evaluations (on the held-out share, see eval.holdout; and at the end)",
-        bounds="> 0",
-        per_stage={LINPROBE: 5.0},
-    )
-    crop_fraction: float = key(0.875, "resize to img_size / crop_fraction, then centre crop", bounds="(0, 1]")
-    holdout: float = key(
-        0.02,
-        "share of data.train held out (seeded) to choose the head and epoch on; data.val is then "
-        "evaluated only for the choice. 0: choose on data.val itself (its figure is then optimistic)",
-        bounds="[0, 0.5]",
-    )
-
-
-@dataclass
-class ClassifyConfig(StageConfig):
-    """Linear probing and fine-tuning share one schema; the stage decides which keys it reads."""
-
-    model: ClassifierModelConfig = section(ClassifierModelConfig, "the backbone's shape and the head")
-    optim: ClassifyOptimConfig = section(ClassifyOptimConfig, "optimizer and lr")
-    probe: ProbeConfig = section(ProbeConfig, "the linear heads", stages=(LINPROBE,))
-    finetune: FinetuneMethodConfig = section(
-        FinetuneMethodConfig, "what fine-tuning trains: every weight or a few percent", stages=(FINETUNE,)
-    )
-    augment: AugmentConfig = section(AugmentConfig, "training augmentation")
-    eval: EvalConfig = section(EvalConfig, "evaluation: the choice of head and epoch, and data.val")
-
-
-@dataclass
-class LinprobeConfig(ClassifyConfig):
-    STAGE: ClassVar[str] = LINPROBE
-
-
-@dataclass
-class FinetuneConfig(ClassifyConfig):
-    STAGE: ClassVar[str] = FINETUNE
-
-
-SCHEMAS: dict[str, type] = {PRETRAIN: PretrainConfig, LINPROBE: LinprobeConfig, FINETUNE: FinetuneConfig}

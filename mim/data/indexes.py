@@ -34,6 +34,7 @@ class Index:
     names: list[str]  # relative to the index, checked
     lengths: list[int]
     classes: list[str]
+    ignore_index: int | None = None  # segmentation shards (mim's _info.json)
 
 
 def checked_name(name: object) -> str:
@@ -86,7 +87,13 @@ def parse_index(text: bytes, where: str, split: str | None = None) -> Index:
             names, lengths = list(info), list(info.values())
         else:
             raise KeyError("shards" if split is None else "splits")
-        return Index([_named(where, n) for n in names], lengths, [str(c) for c in info.get("classes", [])])
+        ignore = info.get("ignore_index") if isinstance(info, dict) else None
+        return Index(
+            [_named(where, n) for n in names],
+            lengths,
+            [str(c) for c in info.get("classes", [])],
+            None if ignore is None else int(ignore),
+        )
     except UserInputError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as error:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -81,10 +81,15 @@ def train_loader(stream: TrainStream, num_workers: int) -> DataLoader:
 
 
 def eval_loader(
-    stream: EvalStream, batch_size: int, num_workers: int, generator: torch.Generator | None = None
+    stream: EvalStream,
+    batch_size: int,
+    num_workers: int,
+    generator: torch.Generator | None = None,
+    collate: Callable | None = None,
 ) -> DataLoader:
     """`generator`: where the loader draws its workers' base seed; a private one leaves the global
-    RNG (and so a training run around the evaluation) untouched."""
+    RNG (and so a training run around the evaluation) untouched. `collate`: how a batch's samples
+    are put together (default: stacked)."""
     return _Loader(
         stream,
         batch_size=batch_size,
@@ -92,4 +97,5 @@ def eval_loader(
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=_ignore_stop_signals,
         generator=generator,
+        collate_fn=collate,
     )

@@ -2,6 +2,7 @@
 `data.label_key`), as timm's and open_clip's readers pick them.
 
 `image_key` lists extensions separated by `;`: the first one the sample has is its image.
+`mask_key` (segmentation) lists the members that may hold the mask, as `image_key` does.
 `label_key` is a member holding the integer label (`cls`, what `mim shards` writes) or
 `json:FIELD`, a field of the sample's `.json` member (img2dataset's `--save_additional_columns`).
 """
@@ -42,6 +43,17 @@ def sample_image(sample: dict, image_key: str) -> bytes:
             return value
     raise BadSample(
         f"{_where(sample)} has members {members(sample)} and no image among {image_key!r}: set data.image_key"
+    )
+
+
+def sample_mask(sample: dict, mask_key: str) -> bytes:
+    """The sample's segmentation mask: the first of the `;`-separated members of `mask_key` present."""
+    for key in mask_key.split(";"):
+        value = sample.get(key.strip())
+        if isinstance(value, bytes | bytearray):
+            return value
+    raise BadSample(
+        f"{_where(sample)} has members {members(sample)} and no mask among {mask_key!r}: set data.mask_key"
     )
 
 

@@ -2,11 +2,13 @@
 
 Layout: NAME-000000.tar ... plus _info.json (split name, shard list with sample counts, classes,
 and a `splits` entry in the form timm's WebDataset reader reads). Each sample is
-`<key>.<ext>` (original encoded bytes) and `<key>.cls` (the integer label, when known).
+`<key>.<ext>` (original encoded bytes) and `<key>.cls` (the integer label, when known); a
+segmentation sample has `<key>.seg.png` (its mask) instead, and _info.json its `ignore_index`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -19,13 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
+import numpy as np
 import webdataset as wds
 from PIL import Image
 
 from mim.data.holdout import Holdout
 from mim.data.indexes import INDEX_FILES, parse_index, split_of, stats_count, stats_name
 from mim.data.reading import DEFAULT_READ, ReadPolicy, ShardUnreadable, is_remote, read_bytes, stream_samples
+from mim.data.segmentation import MASK_MEMBER, BadMask, check_mask, decode_mask
 from mim.data.sources import Record, Source
+from mim.data.transforms import BadSample, open_image
 from mim.errors import UserInputError
 from mim.files import atomic_path, atomic_write_text
 
@@ -39,6 +44,7 @@ class ShardSet:
     classes: list[str]
     read: ReadPolicy = DEFAULT_READ  # retries for remote shards
     held_out: Holdout | None = None  # samples set aside (eval.holdout): every stream skips them
+    ignore_index: int | None = None  # segmentation shards: the mask value no class counts for
 
     @property
     def num_samples(self) -> int | None:
@@ -95,22 +101,56 @@ def downscaled(payload: bytes, extension: str, max_size: int, name: str = "") ->
         return payload, extension
 
 
-def _write_one_shard(path: Path, records: list[Record], indices: list[int], max_size: int | None) -> int:
+def _write_one_shard(
+    path: Path, source: Source, indices: list[int], max_size: int | None, classes: list[str]
+) -> int:
     # a shard under its final name is always complete
     with atomic_path(path) as temporary, open(temporary, "wb") as stream:
         # an integer mtime: no PAX header per member (faster to read) and byte-identical reruns
         writer = wds.TarWriter(stream, encoder=False, mtime=0)
         for index in indices:
-            record = records[index]
+            record = source.records[index]
             payload, extension = record.read()
-            if max_size is not None:
+            mask = record.read_mask()
+            if max_size is not None and mask is None:
                 payload, extension = downscaled(payload, extension, max_size, record.name)
             sample = {"__key__": f"{index:09d}", extension: payload}
             if record.label is not None:
                 sample["cls"] = str(record.label).encode()
+            if mask is not None:
+                _check_pair(record, payload, mask, len(classes), source.ignore_index)
+                sample[MASK_MEMBER] = mask
             writer.write(sample)
         writer.close()
     return len(indices)
+
+
+def _check_pair(
+    record: Record, payload: bytes, mask: bytes, num_classes: int, ignore_index: int | None
+) -> None:
+    where = record.mask if isinstance(record.mask, str) else record.name
+    try:
+        check_mask(decode_mask(mask), open_image(payload).size, num_classes, ignore_index)
+    except (BadMask, BadSample) as error:
+        raise UserInputError(f"{where} (for image {record.name}): {error}") from None
+
+
+def mask_classes(source: Source) -> list[str]:
+    """Class names "0".."K-1" of masks that come without names: K is one more than the largest
+    label any mask holds, the ignore index aside (every mask is read once to find it)."""
+
+    def largest(record: Record) -> int:
+        try:
+            values = np.unique(decode_mask(record.read_mask()))
+        except BadMask as error:
+            raise UserInputError(f"{record.mask}: {error}") from None
+        values = values[values != source.ignore_index]
+        return int(values.max()) if len(values) else -1
+
+    log.info("reading %d masks for the number of classes", len(source.records))
+    with ThreadPoolExecutor(4) as pool:
+        top = max(pool.map(largest, source.records), default=-1)
+    return [str(label) for label in range(top + 1)]
 
 
 def write_shards(
@@ -146,17 +186,19 @@ def write_shards(
     )
     plan = _shard_plan(len(source.records), shard_size, shuffle_seed, limit)
     paths = [out_dir / f"{name}-{number:06d}.tar" for number in range(len(plan))]
+    segmentation = source.ignore_index is not None
+    classes = mask_classes(source) if segmentation and not source.classes else source.classes
 
     def work(number: int) -> int:
         if paths[number].exists():
             return len(plan[number])
-        return _write_one_shard(paths[number], source.records, plan[number], max_size)
+        return _write_one_shard(paths[number], source, plan[number], max_size, classes)
 
     with ThreadPoolExecutor(max(1, num_writers)) as pool:
         for count in pool.map(work, range(len(plan))):
             on_shard_done(count)
     lengths = [len(indices) for indices in plan]
-    return write_info(out_dir, name, [p.name for p in paths], lengths, source.classes)
+    return write_info(out_dir, name, [p.name for p in paths], lengths, classes, source.ignore_index)
 
 
 def _claim(out_dir: Path, name: str, **options: int | None) -> None:
@@ -180,12 +222,18 @@ def _claim(out_dir: Path, name: str, **options: int | None) -> None:
 
 
 def write_info(
-    out_dir: Path, name: str, filenames: list[str], lengths: list[int], classes: list[str]
+    out_dir: Path,
+    name: str,
+    filenames: list[str],
+    lengths: list[int],
+    classes: list[str],
+    ignore_index: int | None = None,
 ) -> Path:
     info = {
         "name": name,
         "num_samples": sum(lengths),
         "classes": classes,
+        **({"ignore_index": ignore_index} if ignore_index is not None else {}),
         "shards": [{"name": f, "num_samples": n} for f, n in zip(filenames, lengths, strict=True)],
         "splits": {
             name: {
@@ -253,7 +301,11 @@ def _open_remote(spec: str, split: str | None, read: ReadPolicy) -> ShardSet:
             raise UserInputError(f"cannot read the shard index {error}") from None
         index = parse_index(text, info_url, split)
         return ShardSet(
-            [urllib.parse.urljoin(info_url, n) for n in index.names], index.lengths, index.classes, read
+            [urllib.parse.urljoin(info_url, n) for n in index.names],
+            index.lengths,
+            index.classes,
+            read,
+            ignore_index=index.ignore_index,
         )
     urls = list(braceexpand.braceexpand(spec))
     return _with_stats(urls, read, split)
@@ -266,7 +318,7 @@ def _from_index(path: Path, split: str | None, read: ReadPolicy) -> ShardSet:
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}")
-    return ShardSet(urls, index.lengths, index.classes, read)
+    return ShardSet(urls, index.lengths, index.classes, read, ignore_index=index.ignore_index)
 
 
 def _with_stats(urls: list[str], read: ReadPolicy, split: str | None) -> ShardSet:
@@ -304,5 +356,4 @@ def count_samples(url: str, read: ReadPolicy = DEFAULT_READ) -> int:
 def with_lengths(shards: ShardSet) -> ShardSet:
     if shards.lengths is not None:
         return shards
-    lengths = [count_samples(u, shards.read) for u in shards.urls]
-    return ShardSet(shards.urls, lengths, shards.classes, shards.read)
+    return dataclasses.replace(shards, lengths=[count_samples(u, shards.read) for u in shards.urls])

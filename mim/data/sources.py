@@ -1,4 +1,6 @@
-"""Image sources for `mim shards`: an image folder, a CSV/TSV of path,label, Fashion-MNIST idx.
+"""Image sources for `mim shards`: an image folder, a CSV/TSV of path,label, Fashion-MNIST idx,
+and for segmentation a folder of images beside a folder of masks (mim.data.scenes makes
+Fashion-MNIST scenes).
 
 Each source yields `Record`s holding the original encoded bytes; idx images (raw pixels) are
 encoded losslessly as PNG.
@@ -46,6 +48,12 @@ class Record:
     name: str  # the file's path, or where it came from, for messages
     label: int | None
     load: Callable[[], tuple[bytes, str]] | None = None  # () -> (bytes, extension); None: read the file
+    mask: str | Callable[[], bytes] | None = None  # segmentation: its PNG mask's path, or a maker
+
+    def read_mask(self) -> bytes | None:
+        if self.mask is None or callable(self.mask):
+            return self.mask() if self.mask else None
+        return Path(self.mask).read_bytes()
 
     def read(self) -> tuple[bytes, str]:
         if self.load is not None:
@@ -57,7 +65,53 @@ class Record:
 @dataclass(frozen=True)
 class Source:
     records: list[Record]
-    classes: list[str]
+    classes: list[str]  # segmentation: empty when the masks themselves say how many there are
+    ignore_index: int | None = None  # segmentation: the mask value no class counts for
+
+
+def _stems(folder: Path, extensions: set[str], what: str) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} folder {folder} does not exist or is not a directory")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in extensions and path.is_file():
+            stem = str(path.relative_to(folder).with_suffix(""))
+            if stem in found:
+                raise UserInputError(f"{what} {found[stem]} and {path} have the same name: which is it?")
+            found[stem] = path
+    return found
+
+
+def segmentation_folder(
+    images: Path, masks: Path, listing: Path | None = None, ignore_index: int = 255
+) -> Source:
+    """`segfolder:IMAGES,MASKS[,LIST]`: images and PNG masks paired by file name without extension
+    (ADE20K's images/training + annotations/training; Pascal VOC's JPEGImages + SegmentationClass,
+    whose palette indices are the classes, with LIST its ImageSets/Segmentation/train.txt, since
+    JPEGImages also holds images that have no mask). Without LIST every image needs a mask and
+    every mask an image."""
+    by_stem = _stems(images, IMAGE_EXTENSIONS, "image")
+    mask_stems = _stems(masks, {".png"}, "mask")
+    if listing is not None:
+        if not listing.is_file():
+            raise FileNotFoundError(f"list {listing} does not exist")
+        wanted = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    else:
+        wanted = sorted(by_stem)
+        stray = sorted(set(mask_stems) - set(by_stem))
+        if stray:
+            raise UserInputError(
+                f"{len(stray)} mask(s) in {masks} have no image in {images}, e.g. {mask_stems[stray[0]]}"
+            )
+    for stem in wanted:
+        if stem not in by_stem:
+            raise UserInputError(f"{stem} (listed in {listing}) has no image in {images}")
+        if stem not in mask_stems:
+            raise UserInputError(f"image {by_stem[stem]} has no mask {masks / stem}.png")
+    if not wanted:
+        raise UserInputError(f"no image in {images} with extensions {sorted(IMAGE_EXTENSIONS)}")
+    records = [Record(str(by_stem[stem]), None, mask=str(mask_stems[stem])) for stem in wanted]
+    return Source(records, [], ignore_index)
 
 
 def image_folder(root: Path) -> Source:
@@ -153,13 +207,27 @@ def fashion_mnist(root: Path, split: str) -> Source:
     return Source(records, FASHION_MNIST_CLASSES)
 
 
+KINDS = "imagefolder, csv, tsv, fashion-mnist, segfolder or fashion-mnist-scenes"
+
+
 def open_source(spec: str) -> Source:
-    """`imagefolder:DIR`, `csv:FILE` (or `tsv:FILE`), `fashion-mnist:DIR[:train|test]`."""
+    """`imagefolder:DIR`, `csv:FILE` (or `tsv:FILE`), `fashion-mnist:DIR[:train|test]`,
+    `segfolder:IMAGES,MASKS[,LIST]`, `fashion-mnist-scenes:DIR[:train|val]`."""
     kind, sep, rest = spec.partition(":")
     if not sep:
-        raise UserInputError(
-            f"source {spec!r} must be KIND:PATH with KIND imagefolder, csv, tsv or fashion-mnist"
+        raise UserInputError(f"source {spec!r} must be KIND:PATH with KIND {KINDS}")
+    if kind == "segfolder":
+        parts = rest.split(",")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise UserInputError(f"source {spec!r}: expected segfolder:IMAGES,MASKS[,LIST]")
+        return segmentation_folder(
+            Path(parts[0]), Path(parts[1]), Path(parts[2]) if len(parts) == 3 else None
         )
+    if kind == "fashion-mnist-scenes":
+        from mim.data.scenes import fashion_mnist_scenes
+
+        path, _, split = rest.partition(":")
+        return fashion_mnist_scenes(Path(path), split or "train")
     if kind == "imagefolder":
         return image_folder(Path(rest))
     if kind in ("csv", "tsv"):
@@ -168,6 +236,5 @@ def open_source(spec: str) -> Source:
         path, _, split = rest.partition(":")
         return fashion_mnist(Path(path), split or "train")
     raise UserInputError(
-        f"unknown source kind {kind!r} in {spec!r}; expected imagefolder, csv, tsv, fashion-mnist "
-        "(or wds: for existing shards)"
+        f"unknown source kind {kind!r} in {spec!r}; expected {KINDS} (or wds: for existing shards)"
     )

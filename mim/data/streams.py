@@ -26,13 +26,22 @@ import logging
 import random
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mim.data.batch import Batch, StreamPosition
-from mim.data.members import DEFAULT_IMAGE_KEY, DEFAULT_LABEL_KEY, missing_label, sample_image, sample_label
+from mim.data.members import (
+    DEFAULT_IMAGE_KEY,
+    DEFAULT_LABEL_KEY,
+    missing_label,
+    sample_image,
+    sample_label,
+    sample_mask,
+)
 from mim.data.reading import ReadPolicy, ShardUnreadable, basename, stream_samples
+from mim.data.segmentation import BadMask, SegmentSpec, eval_pair, train_pair
 from mim.data.shards import ShardSet
 from mim.data.transforms import BadSample, eval_view, train_view
 from mim.errors import TrainingStopped
@@ -59,6 +68,7 @@ class ViewSpec:
     reduced_decode: bool = True  # JPEGs decode at a reduced DCT scale where the crop allows
     image_key: str = DEFAULT_IMAGE_KEY  # data.image_key (mim.data.members)
     label_key: str = DEFAULT_LABEL_KEY  # data.label_key
+    segment: SegmentSpec | None = None  # a mask per image, viewed with it, instead of a label
 
 
 def eval_spec(spec: ViewSpec) -> ViewSpec:
@@ -70,6 +80,7 @@ def eval_spec(spec: ViewSpec) -> ViewSpec:
         reduced_decode=spec.reduced_decode,
         image_key=spec.image_key,
         label_key=spec.label_key,
+        segment=spec.segment,
     )
 
 
@@ -116,8 +127,17 @@ class _SampleReader:
         return dict(new)
 
 
-def _decode_sample(sample: dict, spec: ViewSpec, view: Callable) -> tuple[torch.Tensor, int]:
+def _decode_sample(sample: dict, spec: ViewSpec, view: Callable) -> tuple[torch.Tensor, Any]:
+    """(image, label), or (image, mask) for a segmentation spec, whose `view` takes both payloads."""
     payload = sample_image(sample, spec.image_key)
+    if spec.segment is not None:
+        mask = sample_mask(sample, spec.segment.mask_key)
+        try:
+            return view(payload, mask)
+        except BadMask as error:
+            raise BadMask(
+                f"sample {sample.get('__key__')} in {sample.get('__url__', '?')}: {error}"
+            ) from None
     label = sample_label(sample, spec.label_key)
     if label is None:
         if spec.needs_label:
@@ -167,16 +187,7 @@ class TrainStream(IterableDataset):
                 if position < offset:  # resuming: the chunk is read again up to where it stopped
                     continue
                 view_rng = random.Random(derived_seed(self.seed, self.rank, worker, chunk, position))
-                view = lambda payload, r=view_rng: train_view(  # noqa: E731
-                    payload,
-                    self.spec.mode,
-                    self.spec.img_size,
-                    r,
-                    self.spec.crop_scale,
-                    self.spec.hflip,
-                    extra,
-                    self.spec.reduced_decode,
-                )
+                view = self._view(view_rng, extra)
                 try:
                     image, label = _decode_sample(sample, self.spec, view)
                 except BadSample as error:
@@ -193,7 +204,7 @@ class TrainStream(IterableDataset):
                 if len(images) == self.batch_size:
                     yield Batch(
                         torch.stack(images),
-                        torch.tensor(labels),
+                        torch.stack(labels) if self.spec.segment else torch.tensor(labels),
                         worker,
                         (chunk, position + 1),
                         reader.new_bad(),
@@ -207,6 +218,16 @@ class TrainStream(IterableDataset):
                     f"{worst}); are the shards reachable and are they tar files?"
                 )
             chunk, offset = chunk + 1, 0
+
+    def _view(self, rng: random.Random, extra: Callable | None) -> Callable:
+        spec = self.spec
+        if spec.segment is not None:
+            return lambda image, mask: train_pair(  # noqa: E731
+                image, mask, spec.mode, spec.img_size, rng, spec.segment, spec.hflip
+            )
+        return lambda payload: train_view(  # noqa: E731
+            payload, spec.mode, spec.img_size, rng, spec.crop_scale, spec.hflip, extra, spec.reduced_decode
+        )
 
 
 def _usable_samples(shards: ShardSet, reader: _SampleReader, url: str) -> Iterator[dict]:
@@ -299,9 +320,13 @@ class EvalStream(IterableDataset):
     def _read_range(
         self, url: str, first_index: int, members: Container[int], last: int, reader: _SampleReader
     ) -> Iterator[tuple[torch.Tensor, int, int]]:
-        view = lambda payload: eval_view(  # noqa: E731
-            payload, self.spec.mode, self.spec.img_size, self.crop_fraction, self.spec.reduced_decode
-        )
+        spec = self.spec
+        if spec.segment is not None:
+            view = lambda image, mask: eval_pair(image, mask, spec.mode, spec.segment)  # noqa: E731
+        else:
+            view = lambda payload: eval_view(  # noqa: E731
+                payload, spec.mode, spec.img_size, self.crop_fraction, spec.reduced_decode
+            )
         held_out, name = self.shards.held_out, basename(url)
         for offset, sample in enumerate(reader.samples(url)):
             index = first_index + offset
@@ -338,7 +363,7 @@ def first_images(shards: ShardSet, spec: ViewSpec, count: int, max_shards: int =
     """The first `count` readable images of the first shards (whole images, eval view), read only
     as far as needed: a fixed set to show, wherever the shards live."""
     reader, images = _SampleReader(shards.read), []
-    unlabelled = dataclasses.replace(spec, needs_label=False)
+    unlabelled = dataclasses.replace(spec, needs_label=False, segment=None)
     view = lambda payload: eval_view(payload, spec.mode, spec.img_size, 1.0, spec.reduced_decode)  # noqa: E731
     for url in shards.urls[:max_shards]:
         for sample in reader.samples(url):

@@ -33,20 +33,25 @@ class CachedFeatures(PositionState):
         started = time.monotonic()
         with torch.no_grad(), session.unsharded() as module:
             module.eval()
-            self.train_features, self.train_labels = self._extract(module, stream.shards)
-            self.cached = {"test": self._extract(module, splits.test)}
-            self.cached["select"] = (
-                self._extract(module, splits.select, splits.select_subset)
-                if splits.select_subset is not None
-                else self.cached["test"]
-            )
+            self.extract(module, splits)
         session.engine.module.takes_features = True
+        log.info("cached features in %.0f s", time.monotonic() - started)
+
+    def extract(self, module: Any, splits: Any) -> None:
+        """Sets train_features and train_labels (the training split's, this rank's part), and
+        what evaluate_split reads."""
+        self.train_features, self.train_labels = self._extract(module, self.stream.shards)
+        self.cached = {"test": self._extract(module, splits.test)}
+        self.cached["select"] = (
+            self._extract(module, splits.select, splits.select_subset)
+            if splits.select_subset is not None
+            else self.cached["test"]
+        )
         log.info(
-            "cached features of %d training, %d held-out and %d data.val samples (this rank) in %.0f s",
+            "cached features of %d training, %d held-out and %d data.val samples (this rank)",
             len(self.train_labels),
             len(self.cached["select"][1]) if splits.select_subset is not None else 0,
             len(self.cached["test"][1]),
-            time.monotonic() - started,
         )
 
     def _extract(self, module: Any, shards: Any, subset: Any = None):

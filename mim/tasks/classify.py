@@ -6,6 +6,7 @@ groups, the augmentation and the loss."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -119,11 +120,33 @@ class ClassifyTask(Task):
         """Per-head logits (H, N, C) of a batch of model inputs."""
         return model(images).unsqueeze(0)
 
+    def split_shards(self, split: str):
+        """The shards and subset of the selection split ("select") or of data.val ("test")."""
+        splits = self.inputs.splits
+        return (splits.select, splits.select_subset) if split == "select" else (splits.test, None)
+
     def evaluate_split(self, split: str) -> dict:
         """Per-head top-1/top-5 on the selection split ("select") or on data.val ("test")."""
-        splits, session = self.inputs.splits, self.session
-        shards, subset = (splits.select, splits.select_subset) if split == "select" else (splits.test, None)
-        engine = session.engine
+        shards, subset = self.split_shards(split)
+        data = self.config.data
+        return self.with_eval_model(
+            lambda logits_of: evaluate(
+                logits_of,
+                shards,
+                eval_spec(self.view_spec),
+                self.env,
+                self.device,
+                data.batch_size,
+                data.num_workers,
+                self.config.eval.crop_fraction,
+                subset,
+            )
+        )
+
+    def with_eval_model(self, run: Callable[[Callable], Any]) -> Any:
+        """`run(logits_of)` with the model in eval mode and whole, where `logits_of` takes uint8
+        images (normalised here) and gives what `self.logits` does; training mode after."""
+        session, engine = self.session, self.session.engine
         engine.eval()
         # Ranks read different numbers of batches: at ZeRO 3, whose forward gathers with the other
         # ranks, each evaluates a whole copy.
@@ -138,18 +161,7 @@ class ClassifyTask(Task):
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=session.precision == "bf16"):
                     return self.logits(model, inputs)
 
-            data = self.config.data
-            result = evaluate(
-                logits_of,
-                shards,
-                eval_spec(self.view_spec),
-                self.env,
-                self.device,
-                data.batch_size,
-                data.num_workers,
-                self.config.eval.crop_fraction,
-                subset,
-            )
+            result = run(logits_of)
         engine.train()
         return result
 

@@ -21,7 +21,51 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 
 
-class ClassificationEvaluation(Callback):
+class ChoosingEvaluation(Callback):
+    """What every evaluation that chooses on one split and reports another shares: when it runs,
+    metrics.json (kept across resumes), and the cost so far beside the figures. A subclass's
+    `evaluate_now(loop)` evaluates and records; `finish(loop)` then writes."""
+
+    def __init__(
+        self, stage: str, splits: EvaluationSplits, description: dict[str, Any], run_dir: Path, is_main: bool
+    ) -> None:
+        self.stage, self.splits, self.description = stage, splits, description
+        self.path, self.is_main = Path(run_dir) / METRICS_FILE, is_main
+        self.metrics = self.load_metrics()
+
+    @property
+    def chosen(self) -> dict | None:
+        """The choice so far on data.val, None before any."""
+        return self.metrics.get("test")
+
+    def after_step(self, loop) -> None:
+        every = max(1, round(loop.config.eval.every_epochs * loop.plan.steps_per_epoch))
+        if loop.step % every == 0 or loop.step == loop.plan.total_steps:
+            self.evaluate_now(loop)
+
+    def evaluate_now(self, loop) -> dict:
+        raise NotImplementedError
+
+    def load_metrics(self) -> dict:
+        metrics = {"stage": self.stage, **self.description, "evaluations": []}
+        if self.path.is_file():  # resuming: keep what earlier attempts measured
+            metrics["evaluations"] = json.loads(self.path.read_text()).get("evaluations", [])
+        return metrics
+
+    def finish(self, loop) -> None:
+        self.metrics["cost"] = {"step_seconds": round(loop.step_seconds, 4), **peak_memory(loop.device)}
+        log.info(
+            "%s cost so far: %.3f s/step, peak memory %.2f GiB (%s)",
+            self.stage,
+            loop.step_seconds,
+            self.metrics["cost"]["peak_memory_gib"],
+            self.metrics["cost"]["measured"],
+        )
+        if self.is_main:
+            atomic_write_text(self.path, json.dumps(self.metrics, indent=1))
+
+
+class ClassificationEvaluation(ChoosingEvaluation):
     def __init__(
         self,
         stage: str,
@@ -33,19 +77,8 @@ class ClassificationEvaluation(Callback):
     ) -> None:
         """`evaluate_split("select" | "test")`: per-head top1, top5 (lists) and num_samples on the
         selection split or on data.val; every rank calls it."""
-        self.stage, self.splits, self.description = stage, splits, description
-        self.path, self.is_main, self.evaluate_split = Path(run_dir) / METRICS_FILE, is_main, evaluate_split
-        self.metrics = self.load_metrics()
-
-    @property
-    def chosen(self) -> dict | None:
-        """The choice so far on data.val (head, top1, top5, epoch, ...), None before any."""
-        return self.metrics.get("test")
-
-    def after_step(self, loop) -> None:
-        every = max(1, round(loop.config.eval.every_epochs * loop.plan.steps_per_epoch))
-        if loop.step % every == 0 or loop.step == loop.plan.total_steps:
-            self.evaluate_now(loop)
+        super().__init__(stage, splits, description, run_dir, is_main)
+        self.evaluate_split = evaluate_split
 
     def evaluate_now(self, loop) -> dict:
         result = self.evaluate_split("select")
@@ -90,25 +123,8 @@ class ClassificationEvaluation(Callback):
             loop.report({"test/top1": test["top1"][head]})
         self.metrics["evaluations"].append(record)
         self.summarize(before=step + 1)
-        self.metrics["cost"] = {"step_seconds": round(loop.step_seconds, 4), **peak_memory(loop.device)}
-        log.info(
-            "%s cost so far: %.3f s/step, peak memory %.2f GiB (%s)",
-            self.stage,
-            loop.step_seconds,
-            self.metrics["cost"]["peak_memory_gib"],
-            self.metrics["cost"]["measured"],
-        )
-        if self.is_main:
-            atomic_write_text(self.path, json.dumps(self.metrics, indent=1))
+        self.finish(loop)
         return record
-
-    # ------------------------------------------------------------------ metrics.json
-
-    def load_metrics(self) -> dict:
-        metrics = {"stage": self.stage, **self.description, "evaluations": []}
-        if self.path.is_file():  # resuming: keep what earlier attempts measured
-            metrics["evaluations"] = json.loads(self.path.read_text()).get("evaluations", [])
-        return metrics
 
     def summarize(self, before: int) -> None:
         """Keeps the evaluations of steps before `before` (an earlier attempt may have gone past

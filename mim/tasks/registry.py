@@ -1,5 +1,5 @@
-"""The tasks a run can be (mim.engine.task.Task): `mim pretrain`, `mim linprobe` and `mim
-finetune` run the registered ones; `mim train --task NAME_OR_PATH` runs any, your own as
+"""The tasks a run can be (mim.engine.task.Task): `mim pretrain`, `mim linprobe`, `mim finetune`
+and `mim segprobe` run the registered ones; `mim train --task NAME_OR_PATH` runs any, your own as
 `package.module:Class` (docs/extending.md)."""
 
 from __future__ import annotations
@@ -15,5 +15,6 @@ def task_class(spec: str) -> type:
     when their modules are imported."""
     import mim.tasks.classify  # noqa: F401
     import mim.tasks.pretrain  # noqa: F401
+    import mim.tasks.segment  # noqa: F401
 
     return TASKS.get(spec)

@@ -80,14 +80,14 @@ def test_a_value_outside_a_keys_choices_fails_as_the_config_is_read(stage, info)
 @pytest.mark.parametrize(
     "stage, override, readers",
     [
-        ("pretrain", "data.val=/shards/val", "mim linprobe, mim finetune"),
+        ("pretrain", "data.val=/shards/val", "mim linprobe, mim finetune, mim segprobe"),
         ("linprobe", "log.recon_every=10", "mim pretrain"),
         ("finetune", "log.recon_every=10", "mim pretrain"),
         ("finetune", "probe.blrs=[0.1]", "mim linprobe"),
         ("linprobe", "augment.mixup=0.5", "mim finetune"),
         ("linprobe", "optim.layer_decay=0.7", "mim finetune"),
         ("linprobe", "model.drop_path=0.1", "mim finetune"),
-        ("linprobe", "optim.blr=0.1", "mim pretrain, mim finetune"),  # the probe's lrs are probe.blrs
+        ("linprobe", "optim.blr=0.1", "mim pretrain, mim finetune, mim segprobe"),  # the probe's lrs are probe.blrs
     ],
 )
 def test_a_key_the_stage_does_not_read_is_an_error(stage, override, readers):

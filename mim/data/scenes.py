@@ -1,0 +1,80 @@
+"""`fashion-mnist-scenes:DIR[:train|val]`: real images for segmentation where no segmentation
+data can be downloaded. Each scene is a SIZE x SIZE grey canvas with 2 to 4 Fashion-MNIST items
+at random scales and positions, later ones in front of earlier ones; its mask labels every pixel
+with the class of the top-most item there (an item covers its outline and what it encloses) (1..10, the Fashion-MNIST classes), else 0 (background).
+The training scenes take their items from Fashion-MNIST's training images, the validation scenes
+from its test images. Scene i of a split is the same on every machine (seeded by the split and i)."""
+
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from mim.data.sources import FASHION_MNIST_CLASSES, Record, Source, fashion_mnist_arrays
+from mim.errors import UserInputError
+
+SIZE = 56  # canvas side: twice the items' 28 pixels
+ITEM_SIDES = (16, 32)  # an item's side in the canvas, drawn uniformly
+ITEMS = (2, 4)  # items per scene, drawn uniformly
+FOREGROUND = 24  # an item's pixels darker than this (of 255) are background
+SCENES = {"train": 20000, "val": 2000}  # scenes per split; `mim shards --limit` writes fewer
+SPLIT_SEEDS = {"train": 1, "val": 2}
+CLASSES = ["background", *FASHION_MNIST_CLASSES]
+
+
+def scene(items: np.ndarray, labels: np.ndarray, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image (SIZE, SIZE) uint8, mask (SIZE, SIZE) uint8) of scene `index` of `split`."""
+    rng = np.random.default_rng([SPLIT_SEEDS[split], index])
+    canvas = np.zeros((SIZE, SIZE), np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    for _ in range(rng.integers(ITEMS[0], ITEMS[1] + 1)):
+        chosen = int(rng.integers(len(items)))
+        side = int(rng.integers(ITEM_SIDES[0], ITEM_SIDES[1] + 1))
+        item = np.asarray(Image.fromarray(items[chosen]).resize((side, side), Image.BILINEAR))
+        top, left = (int(v) for v in rng.integers(0, SIZE - side + 1, size=2))
+        where = silhouette(item)
+        canvas[top : top + side, left : left + side][where] = item[where]
+        mask[top : top + side, left : left + side][where] = labels[chosen] + 1
+    return canvas, mask
+
+
+def silhouette(item: np.ndarray) -> np.ndarray:
+    """The item's pixels brighter than FOREGROUND and every hole they enclose (a checked shirt's
+    dark squares are shirt): the background is what a fill from outside the item reaches."""
+    outside = Image.fromarray(np.pad(item > FOREGROUND, 1).astype(np.uint8) * 255).copy()  # writable
+    ImageDraw.floodfill(outside, (0, 0), 128)
+    return np.asarray(outside)[1:-1, 1:-1] != 128
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _load_image(items, labels, split: str, index: int) -> tuple[bytes, str]:
+    return _png(scene(items, labels, split, index)[0]), "png"
+
+
+def _load_mask(items, labels, split: str, index: int) -> bytes:
+    return _png(scene(items, labels, split, index)[1])
+
+
+def fashion_mnist_scenes(root: Path, split: str) -> Source:
+    if split not in SCENES:
+        raise UserInputError(f"fashion-mnist-scenes split must be one of {list(SCENES)}, got {split!r}")
+    items, labels = fashion_mnist_arrays(root, "train" if split == "train" else "test")
+    records = [
+        Record(
+            f"fashion-mnist-scenes:{root}:{split}[{i}]",
+            None,
+            functools.partial(_load_image, items, labels, split, i),
+            functools.partial(_load_mask, items, labels, split, i),
+        )
+        for i in range(SCENES[split])
+    ]
+    return Source(records, CLASSES, ignore_index=255)
