@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from mim.data.sources import FASHION_MNIST_CLASSES, Record, Source, fashion_mnist_arrays
 from mim.errors import UserInputError
@@ -44,10 +44,21 @@ def scene(items: np.ndarray, labels: np.ndarray, split: str, index: int) -> tupl
 
 def silhouette(item: np.ndarray) -> np.ndarray:
     """The item's pixels brighter than FOREGROUND and every hole they enclose (a checked shirt's
-    dark squares are shirt): the background is what a fill from outside the item reaches."""
-    outside = Image.fromarray(np.pad(item > FOREGROUND, 1).astype(np.uint8) * 255).copy()  # writable
-    ImageDraw.floodfill(outside, (0, 0), 128)
-    return np.asarray(outside)[1:-1, 1:-1] != 128
+    dark squares are shirt): the background is what grows from outside the item through dark
+    pixels, step by step to the 4 neighbours, until it grows no more."""
+    dark = np.pad(item <= FOREGROUND, 1, constant_values=True)
+    outside = np.zeros_like(dark)
+    outside[0, :] = outside[-1, :] = outside[:, 0] = outside[:, -1] = True
+    while True:
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= dark
+        if np.array_equal(grown, outside):
+            return ~outside[1:-1, 1:-1]
+        outside = grown
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -56,24 +67,35 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _load_image(items, labels, split: str, index: int) -> tuple[bytes, str]:
-    return _png(scene(items, labels, split, index)[0]), "png"
+class _Scenes:
+    """Scene i's image and mask as PNG bytes; the writer asks for a sample's image, then its mask:
+    the last scenes made are kept, so each is made once."""
 
+    def __init__(self, items: np.ndarray, labels: np.ndarray, split: str) -> None:
+        self.items, self.labels, self.split = items, labels, split
+        self.made = functools.lru_cache(maxsize=64)(self._make)
 
-def _load_mask(items, labels, split: str, index: int) -> bytes:
-    return _png(scene(items, labels, split, index)[1])
+    def _make(self, index: int) -> tuple[bytes, bytes]:
+        image, mask = scene(self.items, self.labels, self.split, index)
+        return _png(image), _png(mask)
+
+    def image(self, index: int) -> tuple[bytes, str]:
+        return self.made(index)[0], "png"
+
+    def mask(self, index: int) -> bytes:
+        return self.made(index)[1]
 
 
 def fashion_mnist_scenes(root: Path, split: str) -> Source:
     if split not in SCENES:
         raise UserInputError(f"fashion-mnist-scenes split must be one of {list(SCENES)}, got {split!r}")
-    items, labels = fashion_mnist_arrays(root, "train" if split == "train" else "test")
+    scenes = _Scenes(*fashion_mnist_arrays(root, "train" if split == "train" else "test"), split)
     records = [
         Record(
             f"fashion-mnist-scenes:{root}:{split}[{i}]",
             None,
-            functools.partial(_load_image, items, labels, split, i),
-            functools.partial(_load_mask, items, labels, split, i),
+            functools.partial(scenes.image, i),
+            functools.partial(scenes.mask, i),
         )
         for i in range(SCENES[split])
     ]
