@@ -1,8 +1,9 @@
 """`mim submit STAGE [--config F key=value ...] --nodes N --gpus-per-node G --time T ...`: renders
 slurm/mim.sbatch for a stage and submits it (prints the job id; --dry-run prints the script).
 `mim submit chain --config PRETRAIN.yaml --linprobe-config L.yaml [--finetune-config F.yaml]
---run-root DIR [STAGE.key=value ...]` submits pretrain -> export -> linprobe (-> finetune) with
-afterok dependencies, each stage reading the previous one's outputs."""
+[--segprobe-config S.yaml] --run-root DIR [STAGE.key=value ...]` submits pretrain -> export ->
+linprobe (-> finetune, -> segprobe) with afterok dependencies, each stage reading the previous
+one's outputs."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from mim.slurm import JobSpec, render, submit
 from pipelines.common import reports_user_errors
 
 TRAINING_STAGES = SCHEMAS
+EVALUATIONS = ("linprobe", "finetune", "segprobe")  # what a chain runs on its export, in order
 
 
 def cluster_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,7 @@ def cluster_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     parser.add_argument("--linprobe-config", help="chain: the linear-probe config")
     parser.add_argument("--finetune-config", help="chain: the fine-tune config (optional)")
+    parser.add_argument("--segprobe-config", help="chain: the segmentation-probe config (optional)")
     parser.add_argument("--run-root", type=Path, help="chain: run dirs go to RUN_ROOT/<stage>")
     return parser
 
@@ -94,12 +97,12 @@ def chain(args, rest: list[str]) -> None:
     config, overrides = rest[1], rest[2:]
     per_stage = {
         stage: [o.split(".", 1)[1] for o in overrides if o.startswith(f"{stage}.")]
-        for stage in ("pretrain", "export", "linprobe", "finetune")
+        for stage in ("pretrain", "export", *EVALUATIONS)
     }
     stray = [o for o in overrides if o.split(".", 1)[0] not in per_stage]
     if stray:
         raise UserInputError(
-            f"chain overrides must name their stage (pretrain./linprobe./finetune.): {stray}"
+            f"chain overrides must name their stage (pretrain./linprobe./finetune./segprobe.): {stray}"
         )
     root = args.run_root.resolve()
     pretrain = training_job(
@@ -114,7 +117,8 @@ def chain(args, rest: list[str]) -> None:
         f"afterok:{job}",
     )
     export_job = send(export, args.dry_run)
-    for stage, stage_config in (("linprobe", args.linprobe_config), ("finetune", args.finetune_config)):
+    for stage in EVALUATIONS:
+        stage_config = getattr(args, f"{stage}_config")
         if stage_config:
             stage_overrides = per_stage[stage] + [f"run.dir={root / stage}", f"init.from={root / 'export'}"]
             send(

@@ -272,8 +272,20 @@ def running_cluster(root: Path, nodes: int = 1) -> Iterator[LocalSlurm]:
         cluster.stop()
 
 
-def chain_arguments(root: Path, shards: dict[str, Path]) -> list[str]:
-    """`mim submit chain` arguments: pretrain -> export -> linprobe of the debug model under `root`."""
+def chain_arguments(root: Path, shards: dict[str, Path], scenes: dict[str, Path] | None = None) -> list[str]:
+    """`mim submit chain` arguments: pretrain -> export -> linprobe (-> segprobe, given segmentation
+    shards) of the debug model under `root`."""
+    segprobe = (
+        [
+            "--segprobe-config",
+            "configs/segprobe/debug.yaml",
+            f"segprobe.data.train={scenes['train']}",
+            f"segprobe.data.val={scenes['val']}",
+            "segprobe.schedule.epochs=1",
+        ]
+        if scenes
+        else []
+    )
     return [
         "--config",
         "configs/pretrain/debug.yaml",
@@ -287,7 +299,7 @@ def chain_arguments(root: Path, shards: dict[str, Path]) -> list[str]:
         "linprobe.data.mean=[0.286]",
         "linprobe.data.std=[0.353]",
         "linprobe.schedule.epochs=1",
-    ]
+    ] + segprobe
 
 
 def job_log(run_dir: Path, job_id: str) -> str:

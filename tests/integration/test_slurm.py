@@ -10,7 +10,9 @@ import time
 import pytest
 
 from mim import checkpoint
-from tests.conftest import GREY, run_cli
+from mim.data.scenes import fashion_mnist_scenes
+from mim.data.shards import write_shards
+from tests.conftest import FASHION_MNIST, GREY, run_cli
 from tests.slurm_cluster import chain_arguments, job_log, running_cluster, wait_for_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -77,15 +79,28 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path, fmnist_
     assert checkpoint.read_meta(checkpoint.latest_checkpoint(run))["step"] == 200
 
 
-def test_chain_pretrain_export_linprobe(slurm, tmp_path, fmnist_shards):
+@pytest.fixture(scope="module")
+def scene_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes")
+    for split, count in (("train", 96), ("val", 24)):
+        write_shards(
+            fashion_mnist_scenes(FASHION_MNIST, split), root / split, name=split, shard_size=48, limit=count
+        )
+    return {split: root / split for split in ("train", "val")}
+
+
+def test_chain_pretrain_export_linprobe_segprobe(slurm, tmp_path, fmnist_shards, scene_shards):
     root = tmp_path / "chain"
-    jobs = slurm.submit("chain", *chain_arguments(root, fmnist_shards))
-    assert len(jobs) == 3
+    jobs = slurm.submit("chain", *chain_arguments(root, fmnist_shards, scene_shards))
+    assert len(jobs) == 4
     for job in jobs:
         assert slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED")) == "COMPLETED", slurm.log_tail()
     assert (root / "export" / "model.safetensors").is_file()
     metrics = json.loads((root / "linprobe" / "metrics.json").read_text())
     assert metrics["test"]["num_samples"] == 250 and "mim export" in metrics["backbone"]
+    dense = json.loads((root / "segprobe" / "metrics.json").read_text())
+    assert dense["test"]["num_samples"] == 24 and "mim export" in dense["backbone"]
+    assert len(dense["test"]["iou"]) == 11 and (root / "segprobe" / "segmentation.png").is_file()
 
 
 def test_two_tasks_pretrain_through_srun(slurm, tmp_path, fmnist_shards):
