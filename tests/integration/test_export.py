@@ -66,6 +66,31 @@ def assert_same_features(run_dir, out, config, channels, size):
     assert difference <= 1e-5
 
 
+def assert_dense_heads_can_take_it(run_dir, out):
+    """What docs/export.md tells a segmentation or detection team: timm's `features_only` and
+    `forward_intermediates` on the export give the encoder's patch tokens as feature maps, at the
+    pretraining size and at another (the position embeddings resampled as timm loads them)."""
+    meta = checkpoint.read_meta(checkpoint.latest_checkpoint(run_dir))
+    mae = create_model(meta["model"]["name"], **meta["model"]["arch"]).eval()
+    mae.load_state_dict(checkpoint.load_weights(checkpoint.latest_checkpoint(run_dir)))
+    width, depth = mae.blocks[0].norm1.normalized_shape[0], len(mae.blocks)
+    images = torch.randn(2, 1, 28, 28)
+    backbone = timm.create_model(f"local-dir:{out}", pretrained=True, features_only=True, out_indices=(0, -1))
+    assert backbone.feature_info.channels() == [width, width] and backbone.feature_info.reduction() == [4, 4]
+    with torch.no_grad():
+        maps = backbone(images)
+        tokens = mae.forward_features(images)[:, 1:]  # the final norm over the last block's tokens
+        last = mae.norm(maps[-1].flatten(2).transpose(1, 2))
+    assert [tuple(m.shape) for m in maps] == [(2, width, 7, 7)] * 2
+    assert (last - tokens).abs().max() <= 1e-5
+    larger = timm.create_model(f"local-dir:{out}", pretrained=True, img_size=56).eval()
+    with torch.no_grad():
+        levels = larger.forward_intermediates(
+            torch.randn(2, 1, 56, 56), indices=depth, output_fmt="NCHW", intermediates_only=True
+        )
+    assert [tuple(level.shape) for level in levels] == [(2, width, 14, 14)] * depth
+
+
 def test_default_geometry_round_trip(tmp_path, jpeg_shards):
     """224 x 224 RGB, patch 16 (a narrow encoder, to stay fast)."""
     run = tmp_path / "run"
@@ -96,6 +121,7 @@ def test_grey_28px_patch4_round_trip_and_bf16(tmp_path, fmnist_shards):
     config = export(run, tmp_path / "out")
     assert config["model_args"]["in_chans"] == 1 and config["pretrained_cfg"]["mean"] == [0.286]
     assert_same_features(run, tmp_path / "out", config, channels=1, size=28)
+    assert_dense_heads_can_take_it(run, tmp_path / "out")
     export(run, tmp_path / "bf16", "--dtype", "bf16")
     assert all(
         v.dtype == torch.bfloat16 for v in load_file(str(tmp_path / "bf16" / "model.safetensors")).values()
