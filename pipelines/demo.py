@@ -1,14 +1,16 @@
 """`mim demo [--out runs/demo]`: the whole product on CPU on real images (Fashion-MNIST from
 Debian's dataset-fashion-mnist): shards -> MAE pretraining -> linear probe (MAE and a random
-encoder of the same shape) -> fine-tuning -> export -> knn.png (the online kNN monitor's curve),
-reconstructions.png, attention.png, results.md/.json.
-Every stage runs through the same CLI and code paths as production; rerunning resumes."""
+encoder of the same shape) -> fine-tuning -> segmentation probe on Fashion-MNIST scenes (MAE and
+random) -> export -> knn.png (the online kNN monitor's curve), reconstructions.png,
+attention.png, segmentation.png, results.md/.json; then whether README.md's table says what this
+run measured. Every stage runs through the same CLI and code paths as production; rerunning resumes."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +23,9 @@ from pipelines.common import reports_user_errors
 
 DEFAULT_DATA = Path("/usr/share/datasets/fashion-mnist")
 QUICK_SAMPLES = {"train": 6000, "test": 1000}  # --quick: a seeded tenth of Fashion-MNIST
+SCENES = {"train": 10000, "val": 2000}  # Fashion-MNIST scenes for the segmentation probe
+QUICK_SCENES = {"train": 2000, "val": 500}
+README = Path(__file__).resolve().parents[1] / "README.md"  # in a checkout; absent in a wheel
 _EPOCH = f"data.samples_per_epoch={QUICK_SAMPLES['train']}"
 # --quick: the same chain in about two and a half minutes. Pretraining gets most of the budget: an
 # MAE needs a few hundred steps before its features beat a random encoder's (smaller batches
@@ -39,6 +44,7 @@ QUICK = {
     ],
     "linprobe": [],
     "finetune": ["data.batch_size=128", "schedule.epochs=1", "eval.every_epochs=1", "log.every=10"],
+    "segprobe": ["schedule.epochs=2"],
 }
 
 
@@ -69,17 +75,24 @@ def stage(name: str, *arguments: str) -> float:
     return time.monotonic() - started
 
 
+RANDOM_ENCODER = ("init.from=none", "model.name=mae_vit_demo_patch7")
+
+
+def test_miou(run_dir: Path) -> float:
+    """The segmentation probe's reported mIoU: the epoch chosen on held-out training scenes,
+    evaluated on the validation scenes."""
+    return json.loads((run_dir / "metrics.json").read_text())["test"]["miou"]
+
+
 def test_top1(run_dir: Path) -> float:
     """The stage's reported figure: the head and epoch chosen on its held-out training images,
     evaluated on the test split."""
     return json.loads((run_dir / "metrics.json").read_text())["test"]["top1"]
 
 
-def write_results(
-    out: Path, accuracy: dict[str, float], seconds: dict[str, float], curve: list[dict], quick: bool
-) -> str:
-    test_set = f"{QUICK_SAMPLES['test'] // 1000}k" if quick else "10k"
-    rows = [
+def result_rows(accuracy: dict[str, float], curve: list[dict]) -> list[tuple[str, str]]:
+    """The demo's figures as (what, value) rows: results.md's table and README.md's."""
+    return [
         ("Linear probe top-1, MAE encoder", f"{accuracy['linprobe_mae']:.2f} %"),
         ("Linear probe top-1, random encoder (same shape)", f"{accuracy['linprobe_random']:.2f} %"),
         ("Fine-tune top-1, from MAE", f"{accuracy['finetune_mae']:.2f} %"),
@@ -87,21 +100,52 @@ def write_results(
             "kNN top-1 during pretraining (monitor)",
             f"{curve[0]['top1']:.2f} % at step 0 -> {curve[-1]['top1']:.2f} % at step {curve[-1]['step']}",
         ),
-    ] + [(f"Time: {name}", format_duration(value)) for name, value in seconds.items()]
+        ("Segmentation probe mIoU on the scenes, MAE encoder", f"{accuracy['segprobe_mae']:.2f}"),
+        ("Segmentation probe mIoU on the scenes, random encoder", f"{accuracy['segprobe_random']:.2f}"),
+    ]
+
+
+def write_results(
+    out: Path, accuracy: dict[str, float], seconds: dict[str, float], curve: list[dict], quick: bool
+) -> tuple[str, list[tuple[str, str]]]:
+    test_set = f"{QUICK_SAMPLES['test'] // 1000}k" if quick else "10k"
+    scenes = (QUICK_SCENES if quick else SCENES)["val"]
+    figures = result_rows(accuracy, curve)
+    rows = figures + [(f"Time: {name}", format_duration(value)) for name, value in seconds.items()]
     table = "\n".join(
-        [f"| Fashion-MNIST test set ({test_set}) | |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows]]
+        [
+            f"| Fashion-MNIST test set ({test_set}); scenes: {scenes:,} validation scenes | |",
+            "|---|---|",
+            *[f"| {a} | {b} |" for a, b in rows],
+        ]
     )
     chosen = (
         "The probes' head and epoch, and the fine-tune's epoch, are chosen on 10 % of the training "
         "images held out (eval.holdout); the test split is evaluated for the choice only."
     )
     note = " (--quick: a first look, not the figures of the full demo)" if quick else ""
-    pictures = "\n\n".join(f"![{name}]({name}.png)" for name in ("knn", "reconstructions", "attention"))
+    pictures = "\n\n".join(f"![{name}]({name}.png)" for name in PICTURES)
     (out / "results.md").write_text(f"# mim demo results{note}\n\n{table}\n\n{chosen}\n\n{pictures}\n")
     (out / "results.json").write_text(
         json.dumps({"accuracy": accuracy, "seconds": seconds, "knn_curve": curve, "quick": quick}, indent=1)
     )
-    return table
+    return table, figures
+
+
+PICTURES = ("knn", "reconstructions", "attention", "segmentation")
+
+
+def readme_differences(figures: list[tuple[str, str]], readme: str) -> list[str]:
+    """Rows of the demo's table whose figure README.md does not show as this run measured it
+    (README's table has a row `| <what> | <value> |` for each)."""
+    differences = []
+    for what, value in figures:
+        row = next((line for line in readme.splitlines() if line.startswith(f"| {what} |")), None)
+        if row is None:
+            differences.append(f"{what}: not in README.md, this run {value}")
+        elif row != f"| {what} | {value} |":
+            differences.append(f"{what}: README.md {row.split('|')[2].strip()}, this run {value}")
+    return differences
 
 
 def machine_overrides() -> list[str]:
@@ -150,6 +194,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         for split, path in shards.items()
     )
+    scene_counts = QUICK_SCENES if args.quick else SCENES
+    scenes = {split: out / "scenes" / split for split in scene_counts}
+    seconds["shards"] += sum(
+        stage(
+            "shards",
+            "--source",
+            f"fashion-mnist-scenes:{data}:{split}",
+            "--out",
+            str(path),
+            "--shard-size",
+            "2000",
+            "--limit",
+            str(scene_counts[split]),
+        )
+        for split, path in scenes.items()
+    )
     splits = (f"data.train={shards['train']}", f"data.val={shards['test']}")
     seconds["pretrain"] = stage(
         "pretrain",
@@ -175,8 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config",
         "demo/linprobe.yaml",
         *splits,
-        "init.from=none",
-        "model.name=mae_vit_demo_patch7",
+        *RANDOM_ENCODER,
         f"run.dir={out / 'linprobe-random'}",
         *quick["linprobe"],
     )
@@ -189,6 +248,18 @@ def main(argv: list[str] | None = None) -> int:
         f"run.dir={out / 'finetune-mae'}",
         *quick["finetune"],
     )
+    for name, encoder in (("MAE", [f"init.from={out / 'pretrain'}"]), ("random", RANDOM_ENCODER)):
+        seconds[f"segprobe ({name})"] = stage(
+            "segprobe",
+            "--config",
+            "demo/segprobe.yaml",
+            f"data.train={scenes['train']}",
+            f"data.val={scenes['val']}",
+            *encoder,
+            f"run.dir={out / f'segprobe-{name.lower()}'}",
+            *quick["segprobe"],
+        )
+    shutil.copyfile(out / "segprobe-mae" / "segmentation.png", out / "segmentation.png")
     seconds["export"] = stage("export", str(out / "pretrain"), "--out", str(out / "export"), "--with-decoder")
     seconds["visualize"] = sum(
         stage(
@@ -208,13 +279,23 @@ def main(argv: list[str] | None = None) -> int:
         "linprobe_mae": test_top1(out / "linprobe-mae"),
         "linprobe_random": test_top1(out / "linprobe-random"),
         "finetune_mae": test_top1(out / "finetune-mae"),
+        "segprobe_mae": test_miou(out / "segprobe-mae"),
+        "segprobe_random": test_miou(out / "segprobe-random"),
     }
-    table = write_results(out, accuracy, seconds, curve, args.quick)
+    table, figures = write_results(out, accuracy, seconds, curve, args.quick)
     print(
         f"\n{table}\n\n[demo] results: {out / 'results.md'}; pictures: "
-        + ", ".join(str(out / f"{name}.png") for name in ("knn", "reconstructions", "attention"))
+        + ", ".join(str(out / f"{name}.png") for name in PICTURES)
         + f"; TensorBoard: tensorboard --logdir {out}"
     )
+    if README.is_file() and not args.quick:
+        differences = readme_differences(figures, README.read_text())
+        print(
+            "[demo] README.md's table shows what this run measured"
+            if not differences
+            else "[demo] README.md's table differs from this run (update it from results.md):\n  "
+            + "\n  ".join(differences)
+        )
     return 0
 
 

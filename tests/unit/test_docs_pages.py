@@ -46,3 +46,24 @@ def test_user_docs_carry_no_history_or_issue_numbers():
     ]
     found = [f"{p.relative_to(REPO)}: {m.group(0)}" for p in pages for m in dated.finditer(p.read_text())]
     assert not found
+
+
+def test_the_readme_shows_the_demo_table_as_the_demo_writes_it():
+    """Every figure row `mim demo` writes is in README.md in the same form, so the demo can tell
+    whether README's figures are the ones it measured (it says so at its end)."""
+    from pipelines.demo import readme_differences, result_rows
+
+    readme = (REPO / "README.md").read_text()
+    rows = re.findall(r"^\| (.+?) \| (.+?) \|$", readme, re.M)
+    figures = dict(rows)
+    accuracy = dict.fromkeys(
+        ("linprobe_mae", "linprobe_random", "finetune_mae", "segprobe_mae", "segprobe_random"), 50.0
+    )
+    curve = [{"step": 0, "top1": 50.0}, {"step": 10, "top1": 60.0}]
+    expected = result_rows(accuracy, curve)
+    assert all(what in figures for what, _ in expected), [w for w, _ in expected if w not in figures]
+    own = [(what, figures[what]) for what, _ in expected]
+    assert readme_differences(own, readme) == []
+    assert readme_differences([(expected[0][0], "1.00 %")], readme) == [
+        f"{expected[0][0]}: README.md {figures[expected[0][0]]}, this run 1.00 %"
+    ]
