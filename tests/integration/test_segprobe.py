@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mim import checkpoint
 from mim.data.scenes import fashion_mnist_scenes
@@ -86,6 +87,12 @@ def test_a_probe_reports_miou_per_class_iou_and_a_picture_and_leaves_the_backbon
     assert report["test"]["num_samples"] == VAL and report["test"]["chosen_on"].startswith("the held-out 10%")
     assert report["evaluations"][0]["num_samples"] == held_out(report)
     assert f"data.val mIoU {report['test']['miou']:.2f}" in result.stderr
+    events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
+    assert [e.value for e in events.Scalars("eval/miou")] == pytest.approx(
+        [e["miou"] for e in report["evaluations"]]
+    )
+    assert events.Scalars("test/miou")[-1].value == pytest.approx(report["test"]["miou"])
+    assert "segmentation" in events.Tags()["images"]
     picture = Image.open(tmp_path / "run" / "segmentation.png")
     assert picture.mode == "RGB" and picture.height > 6 * 112
     state = load_file(str(checkpoint.latest_checkpoint(tmp_path / "run") / "model.safetensors"))
