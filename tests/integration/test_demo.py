@@ -21,15 +21,24 @@ def test_quick_demo_runs_every_stage_and_writes_results(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     results = json.loads((out / "results.json").read_text())
     accuracy = results["accuracy"]
-    assert set(accuracy) == {"linprobe_mae", "linprobe_random", "finetune_mae"}
-    assert all(10.0 < value <= 100.0 for value in accuracy.values())  # better than chance already
+    classify = {"linprobe_mae", "linprobe_random", "finetune_mae"}
+    assert set(accuracy) == classify | {"segprobe_mae", "segprobe_random"}
+    assert all(10.0 < accuracy[key] <= 100.0 for key in classify)  # better than chance already
+    assert all(0.0 < accuracy[key] <= 100.0 for key in ("segprobe_mae", "segprobe_random"))
     # The first look shows the point: MAE's features beat a random encoder's, and get better.
     assert accuracy["linprobe_mae"] >= accuracy["linprobe_random"] + 5, accuracy
     curve = results["knn_curve"]
     assert curve[0]["step"] == 0 and curve[-1]["top1"] > curve[0]["top1"], curve
-    assert {"pretrain", "linprobe (MAE)", "finetune", "export", "total"} <= set(results["seconds"])
+    assert {"pretrain", "linprobe (MAE)", "finetune", "segprobe (MAE)", "export", "total"} <= set(
+        results["seconds"]
+    )
     report = (out / "results.md").read_text()
     assert "Linear probe top-1, MAE encoder" in report and "![attention](attention.png)" in report
+    assert "Segmentation probe mIoU on the scenes, MAE encoder" in report
+    assert (
+        "![segmentation](segmentation.png)" in report and Image.open(out / "segmentation.png").width > 3 * 112
+    )
+    assert json.loads((out / "scenes" / "val" / "_info.json").read_text())["num_samples"] == 500
     assert "kNN top-1 during pretraining" in result.stdout
     assert "chosen on 10 % of the training images held out" in report
     # DeepSpeed's CPU-machine noise is silenced through its own logger and routed to debug.
