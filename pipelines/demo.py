@@ -44,7 +44,7 @@ QUICK = {
     ],
     "linprobe": [],
     "finetune": ["data.batch_size=128", "schedule.epochs=1", "eval.every_epochs=1", "log.every=10"],
-    "segprobe": ["schedule.epochs=2"],
+    "segprobe": ["schedule.epochs=1"],
 }
 
 
