@@ -1,9 +1,11 @@
 """`fashion-mnist-scenes:DIR[:train|val]`: real images for segmentation where no segmentation
 data can be downloaded. Each scene is a SIZE x SIZE grey canvas with 2 to 4 Fashion-MNIST items
 at random scales and positions, later ones in front of earlier ones; its mask labels every pixel
-with the class of the top-most item there (an item covers its outline and what it encloses) (1..10, the Fashion-MNIST classes), else 0 (background).
+with the class of the top-most item there (1..10, the Fashion-MNIST classes; an item covers its
+outline and what it encloses), else 0 (background).
 The training scenes take their items from Fashion-MNIST's training images, the validation scenes
-from its test images. Scene i of a split is the same on every machine (seeded by the split and i)."""
+from its test images. Scene i of a split is seeded by the split and i: the same wherever the
+same Pillow resizes the items."""
 
 from __future__ import annotations
 
