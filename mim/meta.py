@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mim.errors import UserInputError
-from mim.models.arch import ARCH_KEYS, ViTArch
+from mim.models.arch import ViTArch, read_arch
 
 META_VERSION = 2
 _WRITTEN_BY_SAVE = ("step", "versions", "git_sha", "integrity")  # added by the checkpoint writer
@@ -113,13 +113,13 @@ class CheckpointMeta:
     def architecture(self) -> tuple[ViTArch, str]:
         """(the backbone's architecture, its global pool)."""
         if self.holds_mae:
-            return {key: self.model["arch"][key] for key in ARCH_KEYS}, "token"
+            return read_arch(self.model["arch"]), "token"
         if self.backbone is None or "arch" not in self.backbone:
             raise UserInputError(
                 f"this checkpoint (stage {self.stage!r}) records no backbone architecture in meta.json "
                 "(neither model.arch nor backbone.arch)"
             )
-        return dict(self.backbone["arch"]), self.extra.get("global_pool", "token")
+        return read_arch(self.backbone["arch"]), self.extra.get("global_pool", "token")
 
     @property
     def target(self) -> dict[str, Any]:

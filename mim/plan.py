@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from mim.config import FinetuneMethodConfig
 from mim.engine.deepspeed_engine import REDUCE_BUCKET, model_states
-from mim.models.arch import ARCH_KEYS, MaeArch
+from mim.models.arch import MaeArch, read_arch
 from mim.models.backbone import create_vit
 from mim.models.checkpointing import checkpoint_blocks
 from mim.models.finetuning import method_of
@@ -166,7 +166,7 @@ class _Trace(TorchFunctionMode):
 def _meta_model(setup: Setup) -> nn.Module:
     with torch.device("meta"):
         if setup.task == "finetune":
-            arch = {key: setup.arch[key] for key in ARCH_KEYS}
+            arch = read_arch(setup.arch)
             model = create_vit(arch, num_classes=setup.num_classes, global_pool="avg", fc_norm=True)
             method_of(FinetuneMethodConfig(**dict(setup.method))).apply(model)
         else:

@@ -92,6 +92,7 @@ def check_model(model_config: Any) -> MaeArch:
             "decoder_num_heads",
             "mlp_ratio",
             "norm_pix_loss",
+            "qk_norm",
         )
         if hasattr(model_config, k)
     }

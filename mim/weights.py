@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from mim import checkpoint
 from mim.config import ConfigError
 from mim.meta import CheckpointMeta
-from mim.models.arch import ARCH_KEYS, ViTArch
+from mim.models.arch import ViTArch, read_arch
 from mim.models.backbone import ENCODER_DROP_PREFIXES, HEADS_BY_WIDTH, BadCheckpoint, Weights, infer_arch
 from mim.models.finetuning import from_description
 
@@ -144,20 +144,22 @@ def _from_file(path: Path) -> Weights:
     state = _split_known_prefixes(state)
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
     weights = _weights(state, infer_arch(state, str(path)), f"weights file {path}", {})
-    if weights.arch["embed_dim"] not in HEADS_BY_WIDTH:
+    if weights.arch["embed_dim"] not in HEADS_BY_WIDTH and not weights.arch["qk_norm"]:
         log.warning(
             "%s: num_heads is not stored in the file; guessed %d (64 channels per head): set "
             "model.num_heads if that is wrong",
             path,
             weights.arch["num_heads"],
         )
-    weights.guessed = frozenset({"num_heads"})
+    weights.guessed = (
+        frozenset() if weights.arch["qk_norm"] else frozenset({"num_heads"})
+    )  # q_norm's width tells
     return weights
 
 
 def _from_export(directory: Path) -> Weights:
     config = json.loads((directory / "config.json").read_text())
-    arch = {k: config["model_args"][k] for k in ARCH_KEYS}
+    arch = read_arch(config["model_args"])
     state = load_file(str(directory / "model.safetensors"))
     decoder_file = directory / "decoder.safetensors"
     weights = _weights(state, arch, f"mim export {directory}", config)

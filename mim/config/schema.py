@@ -37,6 +37,11 @@ class EncoderGeometry:
     depth: int | None = key(None, "encoder blocks; null: the variant's (or the backbone's)", bounds=">= 1")
     num_heads: int | None = key(None, "encoder attention heads; null: the variant's", bounds=">= 1")
     mlp_ratio: float | None = key(None, "MLP hidden width / embed_dim; null: the variant's", bounds="> 0")
+    qk_norm: bool | None = key(
+        None,
+        "LayerNorm on the queries and keys of the encoder's attention (ViT-22B), against attention "
+        "logits that diverge in large models; null: the variant's (or the backbone's)",
+    )
     grad_checkpointing: int = key(
         0,
         "activation checkpointing: recompute every k-th block in backward (1 or true: every block, "

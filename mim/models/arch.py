@@ -16,6 +16,7 @@ class ViTArch(TypedDict):
     depth: int
     num_heads: int
     mlp_ratio: float
+    qk_norm: bool  # LayerNorm on each head's queries and keys (timm's qk_norm)
 
 
 class MaeArch(ViTArch):
@@ -28,3 +29,14 @@ class MaeArch(ViTArch):
 
 
 ARCH_KEYS = tuple(ViTArch.__annotations__)
+ARCH_DEFAULTS = {"qk_norm": False}  # what files written before a key existed meant
+
+
+def read_arch(tree: dict) -> ViTArch:
+    """A ViT's architecture from a file's tree (or a caller's dict), keys it predates taking their
+    ARCH_DEFAULTS."""
+    return {
+        key: tree[key] if key in tree else ARCH_DEFAULTS[key]
+        for key in ARCH_KEYS
+        if key in tree or key in ARCH_DEFAULTS
+    }

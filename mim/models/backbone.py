@@ -15,7 +15,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from mim.errors import UserInputError
-from mim.models.arch import ARCH_KEYS, ViTArch
+from mim.models.arch import ViTArch, read_arch
 
 log = logging.getLogger(__name__)
 ENCODER_DROP_PREFIXES = ("decoder_", "mask_token", "global_head")  # pretraining-only parts
@@ -64,14 +64,18 @@ def infer_arch(state: dict[str, torch.Tensor], source: str) -> ViTArch:
             f"{source} does not hold a ViT encoder (missing {error}); expected official MAE / "
             "timm names such as patch_embed.proj.weight, pos_embed, blocks.0.*"
         ) from None
+    q_norm = state.get("blocks.0.attn.q_norm.weight")  # one head's width: the heads are known
     return {
         "img_size": grid * patch_size,
         "patch_size": patch_size,
         "in_chans": in_chans,
         "embed_dim": embed_dim,
         "depth": depth,
-        "num_heads": HEADS_BY_WIDTH.get(embed_dim, max(1, embed_dim // 64)),
+        "num_heads": embed_dim // q_norm.shape[0]
+        if q_norm is not None
+        else HEADS_BY_WIDTH.get(embed_dim, max(1, embed_dim // 64)),
         "mlp_ratio": mlp_ratio,
+        "qk_norm": q_norm is not None,
     }
 
 
@@ -84,7 +88,7 @@ def timm_name(arch: ViTArch) -> str:
 
 def timm_args(arch: ViTArch) -> dict[str, Any]:
     """Everything timm needs to rebuild our encoder, whatever the registered name's defaults."""
-    return {k: arch[k] for k in ARCH_KEYS}
+    return dict(read_arch(arch))
 
 
 def create_vit(

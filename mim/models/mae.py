@@ -35,6 +35,7 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
+        qk_norm: bool = False,
         pred_dim: int | None = None,
         global_dim: int | None = None,
     ) -> None:
@@ -51,7 +52,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, qk_norm=qk_norm, norm_layer=norm_layer)
+            for _ in range(depth)
         )
         self.norm = norm_layer(embed_dim)
 

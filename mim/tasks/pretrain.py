@@ -26,7 +26,7 @@ from mim.engine.session import Session
 from mim.engine.state import CheckpointManager, shared_tensors
 from mim.engine.task import Task
 from mim.meta import CheckpointMeta
-from mim.models.arch import MaeArch
+from mim.models.arch import ARCH_DEFAULTS, MaeArch
 from mim.models.backbone import Weights
 from mim.models.mae import MaskedAutoencoderViT
 from mim.models.transforms import apply_transforms
@@ -204,7 +204,7 @@ class Pretrain(Task):
             )
         if theirs.get("teacher") != ours.get("teacher"):
             log.warning("the teacher is now %s (it was %s)", ours.get("teacher"), theirs.get("teacher"))
-        if (meta.model or {}).get("arch") != self.arch:
+        if {**ARCH_DEFAULTS, **(meta.model or {}).get("arch", {})} != self.arch:
             raise ConfigError(
                 f"cannot resume from {path}: it holds model {meta.model}, but this run's model is "
                 f"{self.config.model.name} {self.arch}; use a new run.dir or the same model settings"

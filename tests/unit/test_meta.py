@@ -46,6 +46,6 @@ def test_a_classifier_meta_gives_its_backbone_and_one_without_either_is_refused(
     classifier = CheckpointMeta.from_json(
         {"stage": "finetune", "backbone": {"arch": arch}, "global_pool": "avg"}
     )
-    assert not classifier.holds_mae and classifier.architecture() == (arch, "avg")
+    assert not classifier.holds_mae and classifier.architecture() == ({**arch, "qk_norm": False}, "avg")
     with pytest.raises(UserInputError, match="records no backbone architecture"):
         CheckpointMeta.from_json({"stage": "my_lab.tasks:Rotation"}).architecture()

@@ -6,7 +6,10 @@ import pytest
 import timm
 import torch
 
+from mim.meta import CheckpointMeta
 from mim.models import create_model, list_models, model_args
+from mim.models.arch import read_arch
+from mim.models.backbone import create_vit, infer_arch
 from mim.models.classifier import build_linear_probe
 
 
@@ -192,3 +195,30 @@ def test_probe_on_last_blocks_concatenates_their_normed_pooled_outputs(global_po
     assert probe(imgs).shape == (2, 3, 5) and probe.heads[0][1].in_features == 64
     with pytest.raises(ValueError, match="probe blocks must be 1..2"):
         build_linear_probe(arch, None, num_classes=5, num_heads=1, global_pool="avg", blocks=3)
+
+
+def test_qk_norm_normalises_queries_and_keys_and_crosses_to_timm_as_an_arch_key():
+    model = create_model("mae_vit_debug", qk_norm=True).eval()
+    assert (
+        model_args("mae_vit_debug")["qk_norm"] is False
+        and model_args("mae_vit_debug", qk_norm=True)["qk_norm"]
+    )
+    encoder = {k: v for k, v in model.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    assert {"blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.bias"} <= set(encoder)
+    assert not any("q_norm" in k for k in model.state_dict() if k.startswith("decoder"))  # the encoder's only
+    arch = infer_arch(encoder, "test")
+    assert (
+        arch["qk_norm"] is True
+        and infer_arch(create_model("mae_vit_debug").state_dict(), "test")["qk_norm"] is False
+    )
+    vit = create_vit(arch, num_classes=0, global_pool="token", fc_norm=False).eval()
+    vit.load_state_dict(encoder, strict=True)  # every q_norm / k_norm weight has its place
+    imgs = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(vit.forward_features(imgs), model.forward_features(imgs), atol=1e-6)
+
+
+def test_files_written_before_qk_norm_read_as_without_it():
+    arch = {k: v for k, v in model_args("mae_vit_debug").items() if k != "qk_norm"}
+    assert read_arch(arch)["qk_norm"] is False
+    meta = CheckpointMeta(stage="pretrain", config={}, model={"name": "mae_vit_debug", "arch": arch})
+    assert meta.architecture()[0]["qk_norm"] is False

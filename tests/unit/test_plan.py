@@ -74,6 +74,15 @@ def test_checkpointing_keeps_fewer_tensors_for_backward():
     assert every < 0.2 * whole
 
 
+def test_qk_norm_is_planned_with_the_queries_and_keys_its_norms_keep_for_backward():
+    setup = Setup(model_args("mae_vit_small_patch16"), 8, 1, 0)
+    plain, _, _ = saved_bytes(setup, 8)
+    normed, _, _ = saved_bytes(replace(setup, arch={**setup.arch, "qk_norm": True}), 8)
+    visible, width, depth = round(196 * 0.25) + 1, 384, 12
+    # each encoder block's norms keep their inputs (q and k, fp32); the rest of their saving is small
+    assert normed - plain >= depth * 2 * 8 * visible * width * 4
+
+
 def test_auto_picks_stage_3_only_where_stage_2_does_not_fit():
     params, gpu = 6_500_000_000, 80e9
     assert choose_zero_stage(100_000_000, 8, gpu) == 0
