@@ -37,6 +37,7 @@ class CheckpointMeta:
     # The weights files hold only the trained parameters (a parameter-efficient fine-tune); the
     # frozen ones are the backbone's that `backbone["reference"]` names and sums (mim.weights).
     trained_only: bool = False
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)  # mim.engine.rollback, up to this step
     extra: dict[str, Any] = field(default_factory=dict)
     step: int = 0
     meta_version: int = META_VERSION
@@ -72,6 +73,7 @@ class CheckpointMeta:
             model=tree.pop("model", None),
             backbone=tree.pop("backbone", None),
             trained_only=bool(tree.pop("trained_only", False)),
+            rollbacks=tree.pop("rollbacks", []),
             step=int(tree.pop("step", 0)),
             extra=tree,
             meta_version=version,
@@ -96,6 +98,8 @@ class CheckpointMeta:
             tree["backbone"] = self.backbone
         if self.trained_only:
             tree["trained_only"] = True
+        if self.rollbacks:
+            tree["rollbacks"] = self.rollbacks
         extra = {k: v for k, v in self.extra.items() if k not in _WRITTEN_BY_SAVE}
         return {**tree, **extra, "last_loss": self.last_loss}
 

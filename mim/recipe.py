@@ -16,6 +16,7 @@ from mim.config import (
     MonitorConfig,
     OptimConfig,
     PretrainConfig,
+    RunConfig,
     ScheduleConfig,
     require,
 )
@@ -147,6 +148,30 @@ def check_run_dir(run_dir: str) -> Path:
     return path
 
 
+HANG_TIMEOUT_FLOOR = 5.0  # seconds: below it a healthy step or a log line's sync could pass for a hang
+
+
+def check_run(run: RunConfig) -> Path:
+    """The run dir, and what relates the loop's self-healing keys to each other and to the checkpoints."""
+    path = check_run_dir(run.dir)
+    require(
+        run.spike_threshold == 0 or run.spike_threshold > 1,
+        f"run.spike_threshold must be 0 (off) or above 1 (a multiple of the recent mean loss), "
+        f"got {run.spike_threshold}",
+    )
+    require(
+        run.hang_timeout == 0 or run.hang_timeout >= HANG_TIMEOUT_FLOOR,
+        f"run.hang_timeout must be 0 (off) or at least {HANG_TIMEOUT_FLOOR:g} seconds, got {run.hang_timeout}",
+    )
+    require(
+        run.on_divergence != "rollback" or run.keep_last >= 2,
+        f"run.on_divergence=rollback needs run.keep_last >= 2 (got {run.keep_last}): a rollback restores the "
+        "newest checkpoint that verifies, and one damaged checkpoint must not leave none; "
+        "raise run.keep_last or set run.on_divergence=stop",
+    )
+    return path
+
+
 def check_init(init_from: str, arch: MaeArch) -> Weights | None:
     """Weights to start pretraining from (init.from); their encoder must have this run's shape."""
     if not init_from:
@@ -167,7 +192,7 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
     arch = check_model(config.model)
     check_data(config.data)
     check_optim(config.optim, config.schedule)
-    check_run_dir(config.run.dir)
+    check_run(config.run)
     check_target(config.target, arch)
     check_transforms(config)
     try:
@@ -285,7 +310,7 @@ def check_classify(config: ClassifyConfig) -> ClassifyInputs:
         "optim.optimizer=lars needs deepspeed.zero_stage=0 (LARS's per-layer trust ratio needs whole tensors)",
     )
     check_transforms(config)
-    check_run_dir(config.run.dir)
+    check_run(config.run)
     shards = _open_split("data.train", config.data.train, read_policy(config.data))
     val_shards = _open_split("data.val", config.data.val, read_policy(config.data))
     num_classes = config.model.num_classes or len(shards.classes)

@@ -98,6 +98,23 @@ class StopWhileWaiting(BaseException):
     that no retry loop or bad-sample handler on the way takes it for a failed read."""
 
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_held: int | None = None  # a stop signal that arrived before the StopSignal was made
+
+
+def hold_stop_signals() -> None:
+    """From the process's first moments (before torch is imported): a stop signal is recorded, not
+    fatal, and the StopSignal made later acts on it, so that a stop that lands during start-up
+    still ends in a requeue. Only for the training stages, which make a StopSignal."""
+
+    def hold(number: int, frame) -> None:
+        global _held
+        _held = number
+
+    for number in STOP_SIGNALS:
+        signal.signal(number, hold)
+
+
 class StopSignal:
     """Records SIGUSR1 (Slurm's warning before a time limit or preemption) and SIGTERM.
 
@@ -108,14 +125,17 @@ class StopSignal:
     seconds even when a server never answers. Everything before the training loop is "starting up".
     The process has one of these: signal handlers are the process's."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
         global _installed
         self.received: int | None = None
+        self.settled = False
         self.activities: list[str | None] = ["starting up"]  # innermost last; None: a stop waits for a step
         for number in signals:
             signal.signal(number, self._handle)
         signal.signal(signal.SIGALRM, self._cut_short)
         _installed = self
+        if _held is not None:  # it came while the process was importing
+            self._handle(_held, None)
 
     def _handle(self, number: int, frame) -> None:
         if self.received is None:
@@ -124,8 +144,14 @@ class StopSignal:
         self._arm()
 
     def _arm(self) -> None:
-        if self.received is not None and self.activities[-1] is not None:
+        if self.received is not None and not self.settled and self.activities[-1] is not None:
             signal.setitimer(signal.ITIMER_REAL, STOP_GRACE_SECONDS)
+
+    def settle(self) -> None:
+        """The training loop has ended (on this signal or not): the process only finishes now, so
+        no wait is cut short any more (a timer left armed could fire as the interpreter exits)."""
+        self.settled = True
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
     def _cut_short(self, number: int, frame) -> None:
         activity = self.activities[-1]

@@ -3,6 +3,8 @@ stage and its arguments become variables at its `# mim-submit: environment` mark
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shlex
 import subprocess
@@ -111,3 +113,23 @@ def submit(script: str, path: Path) -> str:
     if result.returncode != 0:
         raise UserInputError(f"sbatch refused {path}: {result.stderr.strip()}")
     return result.stdout.strip().split(";")[0]
+
+
+def requeue_job(why: str) -> bool:
+    """Asks Slurm to requeue the job this process runs in (the whole job: every task is ended and
+    it starts again, resuming from its newest checkpoint); False outside Slurm or where scontrol
+    fails (logged)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id is None:
+        return False
+    log = logging.getLogger("mim.requeue")
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.error("scontrol requeue %s failed: %s", job_id, error)
+        return False
+    if result.returncode != 0:
+        log.error("scontrol requeue %s failed: %s", job_id, result.stderr.strip())
+        return False
+    log.info("requeued Slurm job %s (%s); it will resume from its newest checkpoint", job_id, why)
+    return True

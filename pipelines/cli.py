@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from mim.runtime import hold_stop_signals
+
 STAGES = {
     "shards": "turn an image folder, a CSV/TSV or Fashion-MNIST into WebDataset shards",
     "pretrain": "MAE pretraining under DeepSpeed (resumes automatically)",
@@ -20,6 +22,7 @@ STAGES = {
     "configs": "list the recipe configs that --config takes by name",
     "plan": "the memory one process of a pretraining run holds, and the largest micro-batch that fits",
 }
+TRAINING = ("pretrain", "train", "linprobe", "finetune", "segprobe")  # they checkpoint and stop on a signal
 
 
 def usage() -> str:
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"mim: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if stage in TRAINING:
+        hold_stop_signals()  # before the imports, which take seconds
     module = importlib.import_module(f"pipelines.{stage}")
     return module.main(rest)
 

@@ -17,7 +17,7 @@ import torch
 from mim.config_help import console_page
 from mim.distributed import DistEnv, any_rank, init_distributed, read_dist_env, shutdown
 from mim.errors import TrainingStopped, UserInputError
-from mim.runtime import RunDirBusy, RunLock, StopSignal, StopWhileWaiting, setup_logging
+from mim.runtime import RunDirBusy, RunLock, StopWhileWaiting, setup_logging
 from pipelines.requeue import requeue_if_stopped
 
 USER_ERRORS = (UserInputError, FileNotFoundError, NotADirectoryError, PermissionError, RunDirBusy)
@@ -85,13 +85,13 @@ def reports_user_errors(prog: str) -> Callable:
 
 
 @contextlib.contextmanager
-def started_run(run_dir: Path) -> Iterator[tuple[DistEnv, torch.device, StopSignal]]:
-    """Logging, stop signals, the process group, and the run-dir lock (held by rank 0; every rank
-    fails fast when another job holds it). The run's session writes the resolved config."""
+def started_run(run_dir: Path) -> Iterator[tuple[DistEnv, torch.device]]:
+    """Logging, the process group, and the run-dir lock (held by rank 0; every rank fails fast when
+    another job holds it). The run's session writes the resolved config; the stop signals were set
+    up before the config was read (mim.runtime.StopSignal)."""
     env = read_dist_env()
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(env.rank, run_dir / "log.txt")
-    stop = StopSignal()
     device = init_distributed(env)
     lock, busy = RunLock(run_dir), None
     if env.is_main:
@@ -103,7 +103,7 @@ def started_run(run_dir: Path) -> Iterator[tuple[DistEnv, torch.device, StopSign
         shutdown()
         raise busy or RunDirBusy(f"run dir {run_dir} is in use by another job")
     try:
-        yield env, device, stop
+        yield env, device
     finally:
         lock.release()
         shutdown()

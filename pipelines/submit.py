@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mim.config import SCHEMAS, load_config
 from mim.errors import UserInputError
-from mim.recipe import check_run_dir
+from mim.recipe import check_run
 from mim.slurm import JobSpec, render, submit
 from pipelines.common import reports_user_errors
 
@@ -73,7 +73,7 @@ def training_job(
     resolved = load_config(
         TRAINING_STAGES[stage], config, overrides
     )  # types and keys checked before submitting
-    run_dir = check_run_dir(resolved.run.dir)
+    run_dir = check_run(resolved.run)
     arguments = (["--config", config] if config else []) + overrides
     return spec_for(args, stage, arguments, run_dir, dependency)
 

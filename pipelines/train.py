@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 from mim.config import load_config
+from mim.engine.faults import requested_faults
 from mim.engine.train import train
+from mim.runtime import StopSignal
 from mim.tasks.registry import TASKS, task_class
 from pipelines.common import config_parser, reports_user_errors, started_run
 from pipelines.requeue import requeue_if_stopped
@@ -20,12 +22,14 @@ from pipelines.requeue import requeue_if_stopped
 def run_task(spec: str, argv: list[str] | None, prog: str, description: str) -> int:
     """Parses the task's config, checks it (and reads what it names) before any work, then runs
     the task's loop."""
+    stop = StopSignal()  # from here a stop signal ends start-up within seconds (exit 0, requeued)
     task_type = task_class(spec)
     log = logging.getLogger(f"mim.{task_type.schema.STAGE or 'train'}")
     args = config_parser(prog, description, task_type.schema.STAGE).parse_args(argv)
     config = load_config(task_type.schema, args.config, args.overrides)
     inputs = task_type.check(config)  # everything is checked, and the weights read, before any work
-    with started_run(Path(config.run.dir)) as (env, device, stop):
+    requested_faults()  # a MIM_FAULT that cannot be read, too
+    with started_run(Path(config.run.dir)) as (env, device):
         task = task_type(config, inputs, env, device)
         outcome = train(task, env, device, stop)
         log.info(

@@ -57,9 +57,9 @@ def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.Complete
     )
 
 
-def torchrun(nproc: int, *program: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *program: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     """Runs `program` (a script and its arguments, or `-m module ...`) as `nproc` ranks on this
-    machine, through torchrun."""
+    machine, through torchrun, with `env` added to the environment."""
     command = [
         sys.executable,
         "-m",
@@ -68,12 +68,27 @@ def torchrun(nproc: int, *program: str, timeout: float = 600) -> subprocess.Comp
         f"--master_port={free_port()}",
         *program,
     ]
-    return subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=timeout
+    )
 
 
-def run_cli_ranks(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli_ranks(nproc: int, *args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     """Runs `mim ARGS` as `nproc` ranks on this machine."""
-    return torchrun(nproc, "-m", "pipelines.cli", *args, timeout=timeout)
+    return torchrun(nproc, "-m", "pipelines.cli", *args, timeout=timeout, **env)
+
+
+def start_cli_ranks(nproc: int, args: tuple[str, ...] | list[str], log_dir: Path, **env: str):
+    """`mim ARGS` as `nproc` ranks started one by one in the background, not through torchrun: each
+    keeps its own exit status and log (LOG_DIR/rankN.log). Returns (processes, log paths)."""
+    port, processes, logs = free_port(), [], [log_dir / f"rank{rank}.log" for rank in range(nproc)]
+    for rank in range(nproc):
+        ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+        variables = cli_env(**ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)
+        with open(logs[rank], "w") as log:  # a file, not a pipe: an unread pipe would stall it
+            command = [sys.executable, "-m", "pipelines.cli", *args]
+            processes.append(subprocess.Popen(command, cwd=REPO, env=variables, stdout=log, stderr=log))
+    return processes, logs
 
 
 # Fashion-MNIST on the debug model: one grey channel, 28x28 images in 7x7 patches

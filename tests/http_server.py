@@ -1,7 +1,8 @@
 """A real HTTP server for the tests (Python's http.server in a thread, bound to 127.0.0.1 on a free
 port) that serves a directory and misbehaves on request, per file name: answer 503 to the first N
 requests, or cut the connection halfway through the body of the first N responses; or never answer
-the requests for tar files after the first `answered_tars` (until the server stops). Missing files
+the requests for tar files after the first `answered_tars`, or those for the names in `silent`
+(until the server stops). Missing files
 get 404 as from any server. Every request is counted per file name."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class FlakyServer:
         self.unavailable: dict[str, int] = {}  # name -> 503 for this many first requests
         self.cut: dict[str, int] = {}  # name -> cut this many first responses halfway
         self.answered_tars: int | None = None  # tar requests after this many hang
+        self.silent: set[str] = set()  # names whose requests are never answered
         self.stopping = threading.Event()
         handler = functools.partial(_Handler, self, directory=str(root))
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -52,7 +54,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.state.requests[name] += 1
         seen = self.state.requests[name]
         tars = sum(count for key, count in self.state.requests.items() if key.endswith(".tar"))
-        if name.endswith(".tar") and self.state.answered_tars is not None and tars > self.state.answered_tars:
+        hangs = (
+            name.endswith(".tar") and self.state.answered_tars is not None and tars > self.state.answered_tars
+        )
+        if hangs or name in self.state.silent:
             self.state.stopping.wait()  # a server that never answers
             return
         if seen <= self.state.unavailable.get(name, 0):

@@ -209,6 +209,33 @@ class RunConfig:
         None, "stop with a checkpoint after this step; the schedule is unchanged", bounds=">= 1"
     )
     stop_check_every: int = key(10, "steps between the ranks' agreement on a stop signal", bounds=">= 1")
+    on_divergence: Literal["rollback", "stop"] = key(
+        "rollback",
+        "a non-finite loss/gradient or a loss spike: rollback (to the newest checkpoint before it, "
+        "skipping its data) or stop (exit 3)",
+    )
+    max_rollbacks: int = key(
+        3, "rollbacks allowed in the whole run; one more divergence stops it", bounds=">= 0"
+    )
+    skip_window: int = key(
+        10, "steps of data skipped on a rollback beyond those read since the checkpoint", bounds=">= 0"
+    )
+    spike_threshold: float = key(
+        2.0,
+        "a loss above this times its mean over the last spike_window steps is a spike; 0: off",
+        bounds=">= 0",
+    )
+    spike_window: int = key(100, "steps whose mean loss a spike is measured against", bounds=">= 2")
+    rollback_lr_scale: float = key(
+        1.0, "the lr is multiplied by this for rollback_lr_steps steps after a rollback", bounds="(0, 1]"
+    )
+    rollback_lr_steps: int = key(0, "steps after a rollback at rollback_lr_scale", bounds=">= 0")
+    hang_timeout: float = key(
+        900.0,
+        "seconds without a completed step (outside start-up, evaluation and checkpoints) after which "
+        "every rank writes its stacks to run.dir/stacks and exits to be requeued; 0: off",
+        bounds=">= 0",
+    )
 
 
 @dataclass

@@ -4,6 +4,10 @@ task, the data, the checkpoint manager, the callbacks) and does the same with ea
     resume; while step < total: one step over accum_steps micro-batches -> log -> callbacks ->
     maybe checkpoint; stop at the end, at run.stop_after, or at a stop signal the ranks agree on.
 
+The health check before each log line and each checkpoint finds a divergence (mim.engine.health)
+and rolls the run back (mim.engine.rollback); the progress watchdog (mim.engine.watchdog) times
+the steps; MIM_FAULT injects faults (mim.engine.faults).
+
 Host syncs (.item()) happen only at log steps and checkpoints. The data position moves with
 completed steps only, so a step cut short by a stop is read again on resume.
 """
@@ -11,6 +15,7 @@ completed steps only, so a step cut short by a stop is read again on resume.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +26,14 @@ from mim.distributed import all_reduce_sum, any_rank, gather_objects
 from mim.engine.callbacks import Callback
 from mim.engine.data import BadSamples
 from mim.engine.deepspeed_engine import engine_param_groups, is_partitioned
+from mim.engine.faults import injected_faults
+from mim.engine.health import Anomaly
+from mim.engine.rollback import Rollbacks, roll_back
 from mim.engine.schedule import warmup_cosine
 from mim.engine.session import Session
 from mim.engine.state import CheckpointManager
 from mim.engine.task import Task
+from mim.engine.watchdog import Watchdog
 from mim.errors import TrainingStopped
 from mim.meta import CheckpointMeta
 from mim.runtime import Progress, StopSignal, StopWhileWaiting, format_duration, interruptible
@@ -32,12 +41,17 @@ from mim.runtime import Progress, StopSignal, StopWhileWaiting, format_duration,
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(TrainingStopped):
-    pass
-
-
 class TooManyBadSamples(TrainingStopped):
     pass
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last log line: their summed loss (on device) and the rate's clock."""
+
+    progress: Progress
+    loss_sum: torch.Tensor
+    steps: int = 0
 
 
 @dataclass
@@ -66,6 +80,13 @@ class Loop:
         self.step = self.saved_step = 0
         self.last_loss: float | None = None
         self.bad_by_shard = BadSamples()  # this rank's, per shard file
+        run = self.config.run
+        self.rollbacks = Rollbacks(session.run_dir, self.env.is_main)
+        self.pending_skip = 0  # steps of data a recorded rollback skipped after the resumed checkpoint
+        self.faults = injected_faults(session.run_dir, self.env.rank)
+        self.watchdog = (
+            Watchdog(run.hang_timeout, session.run_dir, self.env.rank) if run.hang_timeout else None
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -100,6 +121,11 @@ class Loop:
             batches.close()
             self.last_loss = None
             reason = self.stopped_waiting(f"a collective failed after the stop signal ({error})")
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
+            if self.stop is not None:
+                self.stop.settle()
         for callback in self.callbacks:
             callback.after_loop(self)
         if is_partitioned(self.engine):
@@ -109,22 +135,27 @@ class Loop:
         return Outcome(self.step, plan.total_steps, reason, self.last_loss)
 
     def steps(self, batches) -> str:
-        """Steps until the end, run.stop_after or an agreed stop; returns why it stopped."""
+        """Steps until the end, run.stop_after or an agreed stop; returns why it stopped. A step
+        whose health check finds a divergence rolls the run back (mim.engine.rollback) and goes on."""
         config, plan = self.config, self.plan
-        progress = Progress(plan.total_steps, start=self.step)
-        loss_sum, steps_since_log = torch.zeros((), device=self.device), 0
+        self.skip(batches, self.pending_skip)
+        window = self.log_window()
         while self.step < plan.total_steps:
-            loss_sum += self.train_step(batches)
+            window.loss_sum += self.train_step(batches)
             self.step += 1
-            steps_since_log += 1
+            window.steps += 1
+            if self.watchdog is not None:
+                self.watchdog.beat(self.step)
             if self.logs_at(self.step):
-                self.check_health()
-                self.last_loss = self.log_step(loss_sum, steps_since_log, progress)
-                loss_sum.zero_()
-                steps_since_log = 0
+                if self.healed(batches):
+                    window = self.log_window()
+                    continue
+                self.last_loss = self.log_step(window)
+                window = self.log_window()
             self.task.after_step(self.step, plan.total_steps)
-            for callback in self.callbacks:
-                callback.after_step(self)
+            with self.paused("callbacks"):
+                for callback in self.callbacks:
+                    callback.after_step(self)
             stop_requested = (
                 self.stop is not None
                 and self.step % config.run.stop_check_every == 0
@@ -132,16 +163,24 @@ class Loop:
             )
             at_end = self.step in (plan.total_steps, config.run.stop_after)
             if self.step % config.run.checkpoint_every == 0 or at_end or stop_requested:
-                self.check_health(before_checkpoint=True)
+                if self.healed(batches, before_checkpoint=True):
+                    window = self.log_window()
+                    continue
                 self.save()
             if stop_requested or self.step == config.run.stop_after:
                 return "signal" if stop_requested else "stop_after"
         return "finished"
 
+    def log_window(self) -> LogWindow:
+        return LogWindow(
+            Progress(self.plan.total_steps, start=self.step), torch.zeros((), device=self.device)
+        )
+
     def train_step(self, batches) -> torch.Tensor:
         """One optimizer step over accum_steps micro-batches; returns the summed loss (on device)."""
-        plan = self.plan
+        plan, run = self.plan, self.config.run
         lr = warmup_cosine(self.step, plan.total_steps, plan.warmup_steps, plan.lr, self.config.optim.min_lr)
+        lr *= self.rollbacks.lr_scale(self.step + 1, run.rollback_lr_scale)
         position = self.data.position.copy()
 
         def micro_loss(micro: int) -> torch.Tensor:
@@ -149,11 +188,29 @@ class Loop:
             position.advance(batch)
             self.bad_by_shard.update(batch.bad)
             labels = batch.labels.to(self.device, non_blocking=True)
-            return self.task.loss(self.engine, self.data.inputs(batch.images), labels, self.step, micro)
+            loss = self.task.loss(self.engine, self.data.inputs(batch.images), labels, self.step, micro)
+            return loss if self.faults is None else self.faults.loss(self.step + 1, micro, loss)
 
         loss = self.runner.run(self.step + 1, lr, micro_loss, want_norm=self.logs_at(self.step + 1))
         self.data.position = position  # the step is complete
         return loss
+
+    def consume(self, batch) -> None:
+        """A batch read and not trained on (skipped by a rollback): the stream moves past it."""
+        self.data.position.advance(batch)
+        self.bad_by_shard.update(batch.bad)
+
+    def skip(self, batches, steps: int) -> None:
+        if steps:
+            log.warning(
+                "skipping the data of %d steps, as a recorded rollback did (%s)", steps, self.rollbacks.path
+            )
+            for _ in range(steps * self.config.optim.accum_steps):
+                self.consume(next(batches))
+
+    def paused(self, phase: str) -> contextlib.AbstractContextManager:
+        """A phase the progress watchdog does not time (an evaluation, a checkpoint, a rollback)."""
+        return self.watchdog.paused(phase) if self.watchdog is not None else contextlib.nullcontext()
 
     def logs_at(self, step: int) -> bool:
         return step % self.config.log.every == 0 or step in (
@@ -175,10 +232,10 @@ class Loop:
         for callback in self.callbacks:
             callback.flush()
 
-    def log_step(self, loss_sum: torch.Tensor, num_steps: int, progress: Progress) -> float:
-        micro_losses = num_steps * self.config.optim.accum_steps * self.env.world_size
-        loss = all_reduce_sum(loss_sum.clone()).item() / micro_losses
-        rate, eta = progress.update(self.step, self.plan.effective_batch)
+    def log_step(self, window: LogWindow) -> float:
+        micro_losses = window.steps * self.config.optim.accum_steps * self.env.world_size
+        loss = all_reduce_sum(window.loss_sum.clone()).item() / micro_losses
+        rate, eta = window.progress.update(self.step, self.plan.effective_batch)
         self.step_seconds = self.plan.effective_batch / rate if rate > 0 else float("nan")
         lr = max(group["lr"] for group in engine_param_groups(self.engine))
         grad_norm = float(self.runner.grad_norm) if self.runner.grad_norm is not None else float("nan")
@@ -210,26 +267,26 @@ class Loop:
 
     # ------------------------------------------------------------------ health
 
-    def check_health(self, before_checkpoint: bool = False) -> None:
-        """Raises before anything is written when a loss, gradient or weight went non-finite or
-        too much data was bad."""
+    def healed(self, batches, before_checkpoint: bool = False) -> bool:
+        """The health check; True where it found a divergence and the run was rolled back (the
+        loop goes on from the restored step)."""
+        anomaly = self.check_health(before_checkpoint)
+        if anomaly is None:
+            return False
+        with self.paused("rollback"):
+            roll_back(self, anomaly, batches)
+        return True
+
+    def check_health(self, before_checkpoint: bool = False) -> Anomaly | None:
+        """The first anomaly of any rank (non-finite loss, gradient or weights, a loss spike) since
+        the last rollback, alike on every rank; raises where too much data was bad."""
         samples_seen = self.step * self.plan.effective_batch
-        local_step, what = self.runner.first_bad(), "the loss or the gradient norm"
-        if local_step < 0 and before_checkpoint and not self.runner.weights_are_finite():
-            local_step, what = self.step, "the weights"  # a non-finite gradient on a step not logged
+        local = self.runner.watch.anomaly()
+        if local is None and before_checkpoint and not self.runner.weights_are_finite():
+            local = Anomaly(self.step, "weights", float("nan"), float("nan"))  # a step not logged
         totals = all_reduce_sum(
-            torch.tensor([float(self.bad_by_shard.total()), float(local_step >= 0)], device=self.device)
+            torch.tensor([float(self.bad_by_shard.total()), float(local is not None)], device=self.device)
         )
-        if totals[1].item() > 0:
-            where = (
-                f"{what} became NaN/inf at step {local_step}"
-                if local_step >= 0
-                else "another rank went NaN/inf"
-            )
-            raise NonFiniteLoss(
-                f"{where}; stopped without writing a checkpoint (last good one: "
-                f"{self.checkpoints.latest()}). Lower the lr, set optim.grad_clip, or check the data"
-            )
         total_bad, limit = totals[0].item(), self.config.data.max_bad_fraction
         if total_bad > 0 and total_bad > limit * (samples_seen + total_bad):
             worst = sum(gather_objects(self.bad_by_shard), collections.Counter()).most_common(5)
@@ -239,6 +296,10 @@ class Loop:
                 + ", ".join(f"{name} ({count})" for name, count in worst)
                 + "; the warnings above say what was wrong with each sample"
             )
+        if totals[1].item() == 0:
+            return None
+        found = [anomaly for anomaly in gather_objects(local) if anomaly is not None]
+        return min(found, key=lambda anomaly: anomaly.step)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -250,11 +311,13 @@ class Loop:
             model=task.pop("model", None),
             backbone=task.pop("backbone", None),
             trained_only=self.task.trained_only,
+            rollbacks=list(self.rollbacks.records),
             extra=task,
         )
 
     def save(self) -> None:
-        self.checkpoints.save(self.engine, self.step, self.meta())
+        with self.paused("checkpoint"):
+            self.checkpoints.save(self.engine, self.step, self.meta())
         self.saved_step = self.step
 
     def resume(self) -> None:
@@ -263,6 +326,7 @@ class Loop:
             return
         self.checkpoints.restore(self.engine, latest, meta, self.session.settings.resolved_zero_stage)
         self.step = self.saved_step = meta.step
+        self.pending_skip = self.rollbacks.pending_skip(meta)
         log.info("resumed from %s at step %d", latest, self.step)
 
     def stopped_waiting(self, why: str) -> str:
@@ -270,8 +334,10 @@ class Loop:
         step; many cannot agree on anything (a rank may be blocked or gone), so they stop without
         touching the last checkpoint."""
         log.warning("%s", why)
+        anomaly = None
         if self.env.world_size == 1 and self.step > self.saved_step:
-            self.check_health(before_checkpoint=True)
+            anomaly = self.check_health(before_checkpoint=True)
+        if anomaly is None and self.env.world_size == 1 and self.step > self.saved_step:
             self.save()
         else:
             log.warning(

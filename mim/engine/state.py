@@ -108,9 +108,12 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ restoring
 
-    def restore(self, engine: Any, path: Path, meta: CheckpointMeta, zero_stage: int) -> None:
+    def restore(
+        self, engine: Any, path: Path, meta: CheckpointMeta, zero_stage: int, keep: tuple[str, ...] = ()
+    ) -> None:
         """The engine's state (DeepSpeed's files where they fit, else moved), then the shared
-        parts, then this rank's parts."""
+        parts, then this rank's parts but those named in `keep`, which stay as they are (a rollback
+        keeps the data stream where it is)."""
         checkpointer.restore(engine, path, meta, zero_stage, self.env.world_size)
         names = list(self.shared_parts)
         loaded = checkpoint.load_shared(path, names) if names else {}
@@ -120,9 +123,9 @@ class CheckpointManager:
                     f"{path} holds no {name} state ({name}.safetensors), which this run needs"
                 )
             part.load_state_dict(loaded[name])
-        self._restore_rank_parts(path, meta)
+        self._restore_rank_parts(path, meta, keep)
 
-    def _restore_rank_parts(self, path: Path, meta: CheckpointMeta) -> None:
+    def _restore_rank_parts(self, path: Path, meta: CheckpointMeta, keep: tuple[str, ...]) -> None:
         rank_state = checkpoint.load_rank_state(path, self.env.rank)
         if rank_state is None:
             log.warning(
@@ -134,6 +137,8 @@ class CheckpointManager:
             )
             return
         for name, part in self.rank_parts.items():
+            if name in keep:
+                continue
             state = rank_state.get(name)
             if state is None and getattr(part, "legacy_top_level", False):
                 state = rank_state  # checkpoints from before named parts kept it at the top level

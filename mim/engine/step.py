@@ -3,8 +3,8 @@ as benchmarks/pretrain_step.py times it): the lr of the schedule, `accum_steps` 
 forward and backward (at stage 0 on several processes, the gradients averaged during the last
 backward: engine.grad_sync), the gradient norm (and, at ZeRO stage 0, the clipping), `engine.step()`.
 
-The step's health is recorded on the device from values the step computes anyway: the loss on
-every step, the gradient norm where it is computed (where it clips, and on the steps that are
+The step's health is recorded on the device (mim.engine.health) from values the step computes
+anyway: the loss on every step, the gradient norm where it is computed (where it clips, and on the steps that are
 logged: by mim at stage 0, by ZeRO at stages 1 to 3). Nothing here waits for the device. The
 training loop reads the health at log and checkpoint steps, and checks the weights before a checkpoint
 (a non-finite gradient between logged steps leaves non-finite weights), so a bad step never
@@ -19,6 +19,7 @@ import torch
 
 from mim.engine.deepspeed_engine import EngineSettings, engine_param_groups
 from mim.engine.grad_sync import GradientSync
+from mim.engine.health import LossWatch
 from mim.engine.schedule import apply_lr
 
 
@@ -40,7 +41,7 @@ class StepRunner:
         if self.own_grad_norm and settings.world_size > 1 and overlap_all_reduce:
             self.grad_sync = GradientSync(self.parameters, settings.world_size)
             engine.enable_backward_allreduce = False
-        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.watch = LossWatch(device)  # the training loop sets one that also looks for spikes
         self.grad_norm: torch.Tensor | None = None  # of the last step; None where none was computed
 
     def run(
@@ -70,8 +71,7 @@ class StepRunner:
             loss_sum += loss.detach().float()
         if not self.own_grad_norm:
             self.grad_norm = self.engine_grad_norm()
-        # inf and NaN survive a sum: one check covers the loss and the gradient norm.
-        self.record_health(step_number, loss_sum if self.grad_norm is None else loss_sum + self.grad_norm)
+        self.watch.record(step_number, loss_sum, self.grad_norm)
         return loss_sum
 
     def norm_and_clip(self) -> torch.Tensor:
@@ -89,13 +89,10 @@ class StepRunner:
             return None if norm is None else norm.detach().reshape(()).float()
         return torch.full((), float(norm), device=self.device)  # a fill, not a host-to-device copy
 
-    def record_health(self, step_number: int, value: torch.Tensor) -> None:
-        bad = ~torch.isfinite(value) & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(bad, step_number, self.first_bad_step)
-
     def first_bad(self) -> int:
-        """The first step whose loss or gradient norm was not finite, or -1 (waits for the device)."""
-        return int(self.first_bad_step.item())
+        """The first step whose loss or gradient norm was not finite (or a spike), or -1 (waits for
+        the device)."""
+        return self.watch.first_bad()
 
     def weights_are_finite(self) -> bool:
         """One pass over the weights (waits for the device): for checkpoint steps only."""

@@ -8,6 +8,7 @@ import torch
 from mim import rng
 from mim.distributed import DistEnv
 from mim.engine.callbacks import Callback, TensorBoard
+from mim.engine.health import LossWatch
 from mim.engine.loop import Loop, Outcome
 from mim.engine.session import Session
 from mim.engine.state import CheckpointManager, RngState
@@ -29,6 +30,9 @@ def train(task: Task, env: DistEnv, device: torch.device, stop: StopSignal | Non
     data = task.data(session)
     checkpoints.add_rank_part("stream", data)  # before the RNG: a stream that cannot be kept keeps neither
     checkpoints.add_rank_part("rng", RngState())
+    run = config.run
+    session.runner.watch = LossWatch(device, run.spike_threshold, run.spike_window, session.plan.warmup_steps)
+    checkpoints.add_rank_part("loss_watch", session.runner.watch)
     task.attach(session, checkpoints)
     callbacks: list[Callback] = []
     if env.is_main and config.log.tensorboard:

@@ -110,6 +110,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
             "run.checkpoint_every=1",
             "log.every=1",
             "model.norm_pix_loss=false",
+            "run.on_divergence=stop",
         )
     )
     assert result.returncode == 3, result.stderr[-3000:]
@@ -254,10 +255,14 @@ def test_resuming_with_another_architecture_is_refused(tmp_path, fmnist_shards):
             ("data.train=http://127.0.0.1:9/shards/_info.json", "data.read_retries=0"),
             "cannot read the shard index",
         ),
+        (("run.keep_last=1",), "run.on_divergence=rollback needs run.keep_last >= 2"),
+        (("MIM_FAULT=nan@soon",), "MIM_FAULT: cannot read 'nan@soon'"),
     ],
 )
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path, fmnist_shards, overrides, message):
-    result = run_cli(*args(tmp_path / "run", fmnist_shards["train"], *overrides))
+    env = dict(o.split("=", 1) for o in overrides if o.startswith("MIM_"))
+    overrides = [o for o in overrides if not o.startswith("MIM_")]
+    result = run_cli(*args(tmp_path / "run", fmnist_shards["train"], *overrides), **env)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()

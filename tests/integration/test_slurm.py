@@ -79,6 +79,29 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path, fmnist_
     assert checkpoint.read_meta(checkpoint.latest_checkpoint(run))["step"] == 200
 
 
+def test_a_hung_job_is_requeued_by_its_watchdog_and_finishes(slurm, tmp_path, fmnist_shards):
+    run = tmp_path / "run"
+    [job] = slurm.submit(
+        "pretrain",
+        "--config",
+        "configs/pretrain/debug.yaml",
+        f"data.train={fmnist_shards['train']}",
+        f"run.dir={run}",
+        *GREY,
+        "run.hang_timeout=5",
+        MIM_FAULT="hang@6",  # fires once in the run: the requeued job passes step 6
+    )
+    slurm.expedite_requeued(job, timeout=180)
+    final = slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=600)
+    log = job_log(run, job)
+    assert final == "COMPLETED", log[-3000:] + slurm.log_tail()
+    assert int(slurm.job_field(job, "Restarts")) >= 1
+    assert "no step completed for" in log and "requeued Slurm job" in log
+    assert "mim/engine/faults.py" in (run / "stacks" / "rank-00000.txt").read_text()
+    assert re.search(r"resumed from .*step-00000004 at step 4", log), log[-3000:]
+    assert checkpoint.read_meta(checkpoint.latest_checkpoint(run))["step"] == 16
+
+
 @pytest.fixture(scope="module")
 def scene_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("scenes")

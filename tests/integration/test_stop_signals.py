@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mim import checkpoint
-from tests.conftest import GREY, REPO, cli_env, free_port
+from tests.conftest import GREY, REPO, cli_env, start_cli_ranks
 from tests.http_server import FlakyServer
 
 pytestmark = pytest.mark.slow
@@ -104,26 +104,42 @@ def test_sigterm_during_start_up_on_a_silent_server_exits_and_writes_nothing(tmp
     assert checkpoint.latest_checkpoint(tmp_path / "run") is None
 
 
+def test_a_stop_signal_in_the_first_second_ends_in_a_clean_exit(tmp_path, fmnist_shards):
+    """Before the handlers of old were installed (while Python imports torch) SIGTERM killed the
+    process outright: no requeue under Slurm."""
+    log_path = tmp_path / "out.log"
+    process = start(log_path, *pretrain_args(tmp_path / "run", fmnist_shards["train"]))
+    time.sleep(0.3)
+    took = stop_and_time(process, log_path)
+    log = log_path.read_text()
+    assert process.returncode == 0 and took < STOP_WITHIN + 20, (process.returncode, took, log[-3000:])
+    assert "received signal SIGTERM" in log and "Traceback" not in log
+    latest = checkpoint.latest_checkpoint(tmp_path / "run")  # where start-up ended within the grace
+    assert latest is None or checkpoint.verify(latest)
+
+
+def test_a_stop_signal_while_the_shard_index_is_fetched_exits_cleanly_and_writes_nothing(tmp_path, server):
+    server.silent.add("train/_info.json")
+    log_path = tmp_path / "out.log"
+    process = start(log_path, *pretrain_args(tmp_path / "run", f"{server.url}/train/"))
+    deadline = time.monotonic() + 120
+    while not server.requests["train/_info.json"]:  # the config check waits on the index
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+    took = stop_and_time(process, log_path)
+    log = log_path.read_text()
+    assert process.returncode == 0 and took < STOP_WITHIN, (process.returncode, took, log[-3000:])
+    assert "SIGTERM received while starting up" in log and "nothing written" in log
+    assert not (tmp_path / "run").exists()
+
+
 def test_two_ranks_one_waiting_on_a_silent_server_both_stop_within_seconds(tmp_path, server):
     """Each rank gets the signal, as srun gives it to each task: the rank waiting on data stops
     after the grace; its peer, blocked in the step's all-reduce, sees the collective fail and stops
     too, instead of a traceback that would fail the Slurm job."""
     server.answered_tars = 1  # one rank gets a shard and waits in the all-reduce; the other waits on data
-    port, args = free_port(), pretrain_args(tmp_path / "run", f"{server.url}/train/", "data.num_workers=1")
-    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
-    ranks = [
-        start(
-            logs[rank],
-            *args,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
-        for rank in range(2)
-    ]
+    args = pretrain_args(tmp_path / "run", f"{server.url}/train/", "data.num_workers=1")
+    ranks, logs = start_cli_ranks(2, args, tmp_path)
     wait_for_line(ranks[0], logs[0], "effective batch")
     time.sleep(2.0)
     sent = time.monotonic()
