@@ -30,6 +30,12 @@ model and both optimizers' states are resident throughout). On the CPU, peak RSS
 `--profile DIR` also runs torch.profiler over a few of mim's steps per model and batch, prints the
 ops that take the most time and writes a Chrome trace (chrome://tracing, Perfetto) to DIR.
 
+`--spike-watch` compares instead, on one process, mim's step with the loss watch the training loop
+sets up (non-finite values and spikes, at the run.spike_* defaults) against the same step watching
+for non-finite values only (the step before spike detection), interleaved, on the same engine:
+
+    python benchmarks/pretrain_step.py --model mae_vit_debug mae_vit_demo_patch7 --batch 8 256 --spike-watch
+
 `--target hog teacher ema ema+global ...` compares instead mim's step with each pretraining
 target against mim's step with pixels (MAE), on one process: the same geometry, the same images
 and masks, interleaved rounds; the target's own work is in its step (HOG on the device, the
@@ -58,9 +64,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from mim.config import TargetConfig
+from mim.config import RunConfig, TargetConfig
 from mim.distributed import init_distributed, read_dist_env
 from mim.engine.deepspeed_engine import EngineSettings, build_engine, resolve_precision
+from mim.engine.health import LossWatch
 from mim.engine.objective import Objective
 from mim.engine.optim import param_groups
 from mim.engine.schedule import apply_lr
@@ -116,6 +123,9 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument(
         "--teacher-model", help="--target teacher: the teacher's variant (default: --model's)"
+    )
+    parser.add_argument(
+        "--spike-watch", action="store_true", help="the step with spike detection against without it"
     )
     args = parser.parse_args()
     args.zero_option = tuple(zero_option(parser, text) for text in args.zero_option)
@@ -389,8 +399,43 @@ def compare_targets(args: argparse.Namespace, device: torch.device) -> None:
                 )
 
 
+def compare_watches(args: argparse.Namespace, device: torch.device) -> None:
+    """mim's step with the spike watch against the non-finite watch alone: interleaved rounds on the
+    same engine and input, medians."""
+    run = RunConfig()
+    print(f"| model | batch | non-finite watch ms | + spike watch ms | spike / non-finite |\n|{'---|' * 5}")
+    for name in args.model:
+        for batch in args.batch:
+            bench = Bench(name, batch, 1, "auto", args, device)
+            watches = {
+                "non-finite": LossWatch(device),
+                "spike": LossWatch(device, run.spike_threshold, run.spike_window, checked_after=0),
+            }
+            times: dict[str, list[float]] = {key: [] for key in watches}
+            for watch in watches.values():
+                bench.runner.watch = watch
+                for _ in range(args.warmup):
+                    bench.mim_step()
+            for round_index in range(args.rounds):
+                order = list(watches) if round_index % 2 == 0 else list(reversed(watches))
+                for key in order:
+                    bench.runner.watch = watches[key]
+                    times[key].append(bench.time_block(bench.mim_step)[0])
+            if any(watch.first_bad() >= 0 for watch in watches.values()):
+                raise RuntimeError(
+                    "the benchmark's loss went non-finite or spiked: its timings would mean nothing"
+                )
+            plain, spikes = statistics.median(times["non-finite"]), statistics.median(times["spike"])
+            print(f"| {name} | {batch} | {plain:.2f} | {spikes:.2f} | {spikes / plain:.3f}x |", flush=True)
+
+
 def main() -> None:
     args = parse()
+    if args.spike_watch:
+        device = init_distributed(read_dist_env())
+        print(f"device: {device}; torch {torch.__version__}; {args.rounds} rounds x {args.steps} steps")
+        compare_watches(args, device)
+        return
     if args.target:
         device = init_distributed(read_dist_env())
         print(f"device: {device}; torch {torch.__version__}; {args.rounds} rounds x {args.steps} steps")
