@@ -79,9 +79,19 @@ def test_nan_on_one_rank_of_two_is_rolled_back_and_ends_as_skipping_that_data_on
     assert all(torch.equal(expected[k], got[k]) for k in expected), step
 
 
+def lr_at(run_dir, step):
+    """The lr TensorBoard last recorded for `step` (a rolled-back run records a step again)."""
+    return [
+        e.value for e in EventAccumulator(str(run_dir / "tb")).Reload().Scalars("train/lr") if e.step == step
+    ][-1]
+
+
 def test_a_loss_spike_is_caught_at_its_step_and_a_healthy_run_never_rolls_back(tmp_path, fmnist_shards):
     watched = ("run.spike_window=3", "run.spike_threshold=2")  # the debug run's warm-up is 8 steps
-    spiked = run_cli(*args(tmp_path / "spiked", fmnist_shards["train"], *watched), MIM_FAULT="spike@11")
+    lower = ("run.rollback_lr_scale=0.5", "run.rollback_lr_steps=4")
+    spiked = run_cli(
+        *args(tmp_path / "spiked", fmnist_shards["train"], *watched, *lower), MIM_FAULT="spike@11"
+    )
     assert spiked.returncode == 0, spiked.stderr[-3000:]
     [record] = rollbacks(tmp_path / "spiked")
     assert (record["cause"], record["first_bad_step"], record["restored_step"]) == ("spike", 11, 8), record
@@ -90,6 +100,9 @@ def test_a_loss_spike_is_caught_at_its_step_and_a_healthy_run_never_rolls_back(t
     healthy = run_cli(*args(tmp_path / "healthy", fmnist_shards["train"], *watched))
     assert healthy.returncode == 0, healthy.stderr[-3000:]
     assert not (tmp_path / "healthy" / "rollbacks.json").exists() and "rollback" not in healthy.stderr
+    # the 4 steps after the restored one (8) ran at half the schedule's lr, and then at the schedule's
+    for step, scale in ((10, 0.5), (12, 0.5), (14, 1.0)):
+        assert lr_at(tmp_path / "spiked", step) == pytest.approx(scale * lr_at(tmp_path / "healthy", step))
 
 
 def test_repeated_divergence_stops_after_max_rollbacks_with_the_last_good_checkpoint_intact(
