@@ -222,8 +222,10 @@ class RunConfig:
     )
     spike_threshold: float = key(
         2.0,
-        "a loss above this times its mean over the last spike_window steps is a spike; 0: off",
+        "a loss above this times its mean over the last spike_window steps is a spike; 0: off (the "
+        "classifier stages' default: a probe's heads sweep lrs, a fine-tune's mixed loss is noisy)",
         bounds=">= 0",
+        per_stage={LINPROBE: 0.0, FINETUNE: 0.0, SEGPROBE: 0.0},
     )
     spike_window: int = key(100, "steps whose mean loss a spike is measured against", bounds=">= 2")
     rollback_lr_scale: float = key(

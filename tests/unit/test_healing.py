@@ -149,3 +149,11 @@ def test_keep_last_one_is_fine_when_divergence_stops(tmp_path):
         [f"run.dir={tmp_path}", "run.keep_last=1", "run.on_divergence=stop", "run.hang_timeout=0"],
     )
     assert check_run(config.run) == tmp_path
+
+
+def test_spikes_are_watched_in_pretraining_and_off_by_default_in_the_classifier_stages(tmp_path):
+    from mim.config import SCHEMAS
+
+    thresholds = {stage: load_config(schema, None, []).run.spike_threshold for stage, schema in SCHEMAS.items()}
+    assert thresholds["pretrain"] == 2.0
+    assert thresholds["linprobe"] == thresholds["finetune"] == thresholds["segprobe"] == 0.0
