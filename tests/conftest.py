@@ -78,6 +78,39 @@ def run_cli_ranks(nproc: int, *args: str, timeout: float = 600, **env: str) -> s
     return torchrun(nproc, "-m", "pipelines.cli", *args, timeout=timeout, **env)
 
 
+def install_wheel(root: Path) -> tuple[Path, Path]:
+    """mim built as a wheel from the repository and installed with `pip install --target` into
+    ROOT/site, outside the checkout (what a wheel or `pip install git+...` gives); returns (that
+    folder, an empty directory ROOT/elsewhere to run from)."""
+    root.mkdir(parents=True, exist_ok=True)
+    wheel_command = [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation"]
+    build = subprocess.run(
+        [*wheel_command, "-w", str(root / "dist")], capture_output=True, text=True, timeout=300, cwd=root
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = (root / "dist").glob("mim_mae-*.whl")
+    target = root / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    (root / "elsewhere").mkdir()
+    return target, root / "elsewhere"
+
+
+def run_installed(
+    installed: tuple[Path, Path], *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`mim ARGS` from the installed package only (not the checkout), run from its empty directory."""
+    target, cwd = installed
+    env = dict(cli_env(), PYTHONPATH=str(target))
+    command = [sys.executable, "-m", "mim", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def start_cli_ranks(nproc: int, args: tuple[str, ...] | list[str], log_dir: Path, **env: str):
     """`mim ARGS` as `nproc` ranks started one by one in the background, not through torchrun: each
     keeps its own exit status and log (LOG_DIR/rankN.log). Returns (processes, log paths)."""

@@ -1,24 +1,30 @@
-"""`mim demo --quick`: the whole chain on real Fashion-MNIST through the real stages, and
-`mim visualize` on its pretraining run."""
+"""`mim demo --quick`: the whole chain on real Fashion-MNIST through the real stages, run from the
+installed wheel, and `mim visualize` on its runs."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from PIL import Image
 
-from tests.conftest import FASHION_MNIST, run_cli
+from tests.conftest import FASHION_MNIST, install_wheel, run_cli, run_installed
 
 pytestmark = pytest.mark.slow
 
 
 def test_quick_demo_runs_every_stage_and_writes_results(tmp_path):
+    """As a user of the package runs it: from the installed wheel, in an empty directory."""
     if not FASHION_MNIST.is_dir():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    installed = install_wheel(tmp_path / "wheel")
     out = tmp_path / "demo"
-    result = run_cli("demo", "--quick", "--out", str(out), "--data", str(FASHION_MNIST), timeout=900)
+    result = run_installed(
+        installed, "demo", "--quick", "--out", str(out), "--data", str(FASHION_MNIST), timeout=900
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert os.listdir(installed[1]) == [], "the demo wrote into the directory it was run from"
     results = json.loads((out / "results.json").read_text())
     accuracy = results["accuracy"]
     classify = {"linprobe_mae", "linprobe_random", "finetune_mae"}

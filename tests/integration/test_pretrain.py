@@ -88,7 +88,19 @@ def test_auto_keeps_the_runs_zero_stage_and_another_stage_moves_the_run(tmp_path
     assert meta["engine"]["zero_stage"] == 0 and meta["step"] == 16
 
 
+_RUNS: dict[
+    tuple, dict
+] = {}  # a run's final weights by its settings: tests that compare with the same run share it
+
+
 def _data_parallel(out, nproc, zero_stage, accum=1, compile_model=False, checkpoint_every=0):
+    settings = (nproc, zero_stage, accum, compile_model, checkpoint_every)
+    if settings not in _RUNS:
+        _RUNS[settings] = _run_data_parallel(out, *settings)
+    return _RUNS[settings]
+
+
+def _run_data_parallel(out, nproc, zero_stage, accum, compile_model, checkpoint_every):
     result = torchrun(
         nproc,
         str(REPO / "tests/helpers/data_parallel_steps.py"),
@@ -117,11 +129,12 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, zero_stag
             assert torch.allclose(expected, got, rtol=1e-5, atol=1e-6), key
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_compiled_model_on_two_ranks_matches_eager_on_one(tmp_path, zero_stage):
     """torch.compile (inductor on the CPU) under ZeRO 0/1/2 with 2 gloo ranks (at stage 0 mim's
     gradient hooks sit on the compiled model's parameters): same weights as the eager one-rank
-    run to float round-off (the compiled kernels sum in another order)."""
+    run to float round-off (the compiled kernels sum in another order). ZeRO 3 compiled:
+    test_activation_checkpointing_compiles_at_zero3."""
     eager = _data_parallel(tmp_path / "eager.safetensors", 1, zero_stage)
     compiled = _data_parallel(tmp_path / "compiled.safetensors", 2, zero_stage, compile_model=True)
     assert eager.keys() == compiled.keys()
