@@ -26,6 +26,7 @@ from mim.config import ConfigError
 from mim.errors import UserInputError
 from mim.files import atomic_path
 from mim.meta import CheckpointMeta
+from mim.model_card import CardInfo, model_card
 from mim.models.arch import ViTArch
 from mim.models.backbone import ENCODER_DROP_PREFIXES, timm_args, timm_name
 from mim.models.classifier import build_finetune_vit
@@ -72,47 +73,16 @@ def timm_config(arch: ViTArch, global_pool: str, mean: list[float], std: list[fl
     }
 
 
-def model_card(
-    config: dict[str, Any], meta: CheckpointMeta, source: Path, dtype: str, with_decoder: bool
-) -> str:
-    run_config, extra = meta.config, meta.extra
-    metrics = extra.get("metrics") or {}
-    evaluation = f"top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f}" if metrics else "none"
-    lines = [
-        f"# {config['architecture']} (mim {meta.stage} backbone)",
-        "",
-        "Load with timm (no mim needed):",
-        "",
-        "```python",
-        "import json, timm",
-        "config = json.load(open('config.json'))",
-        "model = timm.create_model(config['architecture'], pretrained=True, num_classes=0, **config['model_args'],",
-        "                          pretrained_cfg_overlay=dict(config['pretrained_cfg'], file='model.safetensors'))",
-        "```",
-        "",
-        "| provenance | |",
-        "|---|---|",
-        f"| exported from | `{source}` |",
-        f"| stage | {meta.stage} |",
-        f"| training data | `{meta.data.get('train')}` ({meta.data.get('num_samples')} samples) |",
-        f"| steps | {meta.step} |",
-        f"| samples seen | {meta.samples_seen} |",
-        f"| final training loss | {meta.last_loss} |",
-        f"| norm-pix loss | {extra.get('norm_pix_loss', run_config.get('model', {}).get('norm_pix_loss'))} |",
-        f"| mask ratio | {run_config.get('model', {}).get('mask_ratio')} |",
-        f"| evaluation | {evaluation} |",
-        f"| weights dtype | {dtype} |",
-        f"| decoder | {'decoder.safetensors' if with_decoder else 'not exported'} |",
-        f"| git sha | {extra.get('git_sha')} |",
-        f"| versions | {', '.join(f'{k} {v}' for k, v in extra.get('versions', {}).items())} |",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def export(
-    spec: str, out_dir: Path, dtype: str = "fp32", with_decoder: bool = False, adapter_only: bool = False
+    spec: str,
+    out_dir: Path,
+    dtype: str = "fp32",
+    with_decoder: bool = False,
+    adapter_only: bool = False,
+    card: CardInfo | None = None,
 ) -> list[str]:
-    """Writes the export of a run or checkpoint into `out_dir`; returns the files written."""
+    """Writes the export of a run or checkpoint into `out_dir`; returns the files written. `card`:
+    what the model card adds (the data's name, the licence, evaluation runs)."""
     if dtype not in ("fp32", "bf16"):
         raise UserInputError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     source = checkpoint.resolve(spec)
@@ -147,22 +117,22 @@ def export(
         run_config.get("mean", [0.485, 0.456, 0.406]),
         run_config.get("std", [0.229, 0.224, 0.225]),
     )
-    cast = torch.bfloat16 if dtype == "bf16" else torch.float32
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "mim_stage": meta.stage, "architecture": config["architecture"]}
-    _atomic_safetensors(
-        {k: v.to(cast).contiguous() for k, v in encoder.items()}, out_dir / "model.safetensors", metadata
-    )
-    if with_decoder:
-        _atomic_safetensors(
-            {k: v.to(cast).contiguous() for k, v in decoder.items()},
-            out_dir / "decoder.safetensors",
-            metadata,
-        )
+    for name, part in (("model", encoder), ("decoder", decoder if with_decoder else None)):
+        if part is not None:
+            _atomic_safetensors(_cast(part, dtype), out_dir / f"{name}.safetensors", metadata)
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
-    (out_dir / "README.md").write_text(model_card(config, meta, source, dtype, with_decoder))
+    (out_dir / "README.md").write_text(
+        model_card(config, meta, source, dtype, with_decoder, card or CardInfo())
+    )
     extra = ["decoder.safetensors"] if with_decoder else []
     return list(dict.fromkeys([*written, "model.safetensors", *extra, "config.json", "README.md"]))
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    cast = torch.bfloat16 if dtype == "bf16" else torch.float32
+    return {k: v.to(cast).contiguous() for k, v in state.items()}
 
 
 def _export_adapter(

@@ -260,7 +260,18 @@ def main(argv: list[str] | None = None) -> int:
             *quick["segprobe"],
         )
     shutil.copyfile(out / "segprobe-mae" / "segmentation.png", out / "segmentation.png")
-    seconds["export"] = stage("export", str(out / "pretrain"), "--out", str(out / "export"), "--with-decoder")
+    evaluations = [str(out / run) for run in ("linprobe-mae", "finetune-mae", "segprobe-mae")]
+    seconds["export"] = stage(
+        "export",
+        str(out / "pretrain"),
+        "--out",
+        str(out / "export"),
+        "--with-decoder",
+        "--dataset",
+        "fashion-mnist",
+        "--results",
+        *evaluations,
+    )
     seconds["visualize"] = sum(
         stage(
             "visualize",

@@ -1,5 +1,6 @@
 """`mim export RUN_DIR_OR_CHECKPOINT --out DIR`: a backbone downstream teams load with timm alone:
-model.safetensors (timm names, encoder only), config.json, README.md (model card). A
+model.safetensors (timm names, encoder only), config.json, README.md (a model card with the Hub's
+metadata; the folder loads with `timm.create_model("local-dir:DIR", pretrained=True)`). A
 parameter-efficient fine-tune (finetune.method) also writes its trained weights alone,
 adapter.safetensors and adapter.json, and the merged model only where its method merges."""
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 from mim.export import export
+from mim.model_card import CardInfo
 from pipelines.common import reports_user_errors
 
 
@@ -29,8 +31,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a parameter-efficient fine-tune: only adapter.safetensors and adapter.json",
     )
+    parser.add_argument(
+        "--dataset", help="the pretraining data's name in the model card (default: its shards' folder name)"
+    )
+    parser.add_argument("--license", default="other", help="a Hugging Face Hub licence key, e.g. apache-2.0")
+    parser.add_argument(
+        "--results",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="RUN_DIR",
+        help="linprobe, finetune or segprobe runs of this backbone: their data.val figures go in the card",
+    )
     args = parser.parse_args(argv)
-    written = export(args.source, args.out, args.dtype, args.with_decoder, args.adapter_only)
+    card = CardInfo(args.dataset, args.license, args.results)
+    written = export(args.source, args.out, args.dtype, args.with_decoder, args.adapter_only, card)
     print(f"exported to {args.out}: {', '.join(written)}")
     return 0
 

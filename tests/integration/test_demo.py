@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import yaml
 from PIL import Image
 
 from tests.conftest import FASHION_MNIST, install_wheel, run_cli, run_installed
@@ -59,6 +60,15 @@ def test_quick_demo_runs_every_stage_and_writes_results(tmp_path):
     assert (out / "export" / "model.safetensors").is_file() and (
         out / "export" / "decoder.safetensors"
     ).is_file()
+    card = (out / "export" / "README.md").read_text()
+    [index] = yaml.safe_load(card.split("---\n")[1])["model-index"]
+    figures = {r["task"]["name"]: r["metrics"][0]["value"] for r in index["results"]}
+    assert figures == {
+        "Linear probe": round(accuracy["linprobe_mae"], 2),
+        "Fine-tuning": round(accuracy["finetune_mae"], 2),
+        "Segmentation probe": round(accuracy["segprobe_mae"], 2),
+    }
+    assert str(out) not in card and "fashion-mnist" in card
     assert (
         json.loads((out / "shards" / "train" / "_info.json").read_text())["num_samples"] == 6000
     )  # --quick: a tenth

@@ -4,10 +4,13 @@ any checkpoint (ZeRO-sharded included), and official checkpoints that start pret
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from mim import checkpoint
@@ -15,7 +18,7 @@ from mim.data.shards import ShardSet, with_lengths
 from mim.data.streams import EvalStream, ViewSpec
 from mim.data.transforms import normalize_on_device
 from mim.models import create_model
-from tests.conftest import run_cli, run_cli_ranks
+from tests.conftest import cli_env, run_cli, run_cli_ranks
 
 pytestmark = pytest.mark.slow
 GREY = ("data.mean=[0.286]", "data.std=[0.353]")
@@ -110,7 +113,16 @@ def test_default_geometry_round_trip(tmp_path, jpeg_shards):
     decoder = load_file(str(tmp_path / "out" / "decoder.safetensors"))
     assert "mask_token" in decoder and "decoder_pred.weight" in decoder
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "samples seen" in card and "git sha" in card and str(jpeg_shards) in card
+    assert "samples seen" in card and "git sha" in card
+    assert (
+        f"| training data | {jpeg_shards.name} (" in card
+        and "| exported from | `run/checkpoints/step-" in card
+    )
+    assert str(tmp_path) not in card and str(tmp_path) not in (tmp_path / "out" / "config.json").read_text()
+    assert (
+        "# ViT, 32 wide, 2 blocks, 2 heads, 16 px patches at 224 px, 3 channels: a mim pretrain backbone"
+        in card
+    )
 
 
 def test_grey_28px_patch4_round_trip_and_bf16(tmp_path, fmnist_shards):
@@ -178,6 +190,49 @@ def test_probe_and_finetune_checkpoints_export_too(tmp_path, fmnist_shards):
         assert set(model.state_dict()) == set(load_file(str(tmp_path / f"{stage}-out" / "model.safetensors")))
         assert "top-1" in (tmp_path / f"{stage}-out" / "README.md").read_text()
     assert config["global_pool"] == "avg" and "fc_norm.weight" in model.state_dict()
+    # The pretraining run's card with the evaluations of its backbone, and the one line that loads it
+    out = tmp_path / "hub"
+    results = ("--results", str(tmp_path / "linprobe"), str(tmp_path / "finetune"))
+    export(run, out, "--dataset", "fashion-mnist", "--license", "apache-2.0", *results)
+    header = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert header["library_name"] == "timm" and header["license"] == "apache-2.0"
+    assert header["datasets"] == ["fashion-mnist"] and "image-feature-extraction" in header["tags"]
+    [index] = header["model-index"]
+    figures = [(r["task"]["name"], r["dataset"]["name"], r["metrics"][0]["value"]) for r in index["results"]]
+    expected = [
+        (name, "val", round(json.loads((tmp_path / stage / "metrics.json").read_text())["test"]["top1"], 2))
+        for name, stage in (("Linear probe", "linprobe"), ("Fine-tuning", "finetune"))
+    ]
+    assert figures == expected
+    assert_loads_in_one_line(out, tmp_path / "empty")
+
+
+def assert_loads_in_one_line(out, empty):
+    """The card's loading lines as written (but the Hub's, which needs the internet), run by a fresh
+    Python from an empty directory: the features equal those of the longer form that spells out
+    the architecture."""
+    empty.mkdir()
+    code = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    lines = [
+        line.replace("PATH/TO/THIS/FOLDER", str(out)) for line in code.splitlines() if "hf-hub:" not in line
+    ]
+    program = "\n".join(
+        [
+            *lines,
+            "import json, torch",
+            f"config = json.load(open('{out}/config.json'))",
+            "old = timm.create_model(config['architecture'], pretrained=True, num_classes=0, **config['model_args'],",
+            f"    pretrained_cfg_overlay=dict(config['pretrained_cfg'], file='{out}/model.safetensors')).eval()",
+            "images = torch.randn(2, *model.pretrained_cfg['input_size'])",
+            "assert torch.equal(model.eval()(images), old(images)), 'the one line and the longer form differ'",
+            "print(tuple(model(images).shape), [tuple(m.shape) for m in maps.eval()(images)])",
+        ]
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], cwd=empty, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, program + result.stderr[-3000:]
+    assert result.stdout.strip() == "(2, 32) [(2, 32, 4, 4), (2, 32, 4, 4)]"  # pooled (N, D); 2 blocks' maps
 
 
 def test_export_of_a_non_checkpoint_fails_clearly(tmp_path):

@@ -19,7 +19,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (2, ("mim.checkpoint", "mim.meta", "mim.weights")),
     (3, ("mim.engine", "mim.recipe")),
     (4, ("mim.tasks",)),
-    (5, ("mim.plan", "mim.export", "mim.config_help")),
+    (5, ("mim.plan", "mim.export", "mim.model_card", "mim.config_help")),
     (6, ("pipelines", "benchmarks")),
 ]
 
