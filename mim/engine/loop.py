@@ -151,7 +151,7 @@ class Loop:
                     window = self.log_window()
                     continue
                 self.last_loss = self.log_step(window)
-                window = self.log_window()
+                window = self.log_window(window.progress)  # the ETA's clock runs on
             self.task.after_step(self.step, plan.total_steps)
             with self.paused("callbacks"):
                 for callback in self.callbacks:
@@ -171,10 +171,11 @@ class Loop:
                 return "signal" if stop_requested else "stop_after"
         return "finished"
 
-    def log_window(self) -> LogWindow:
-        return LogWindow(
-            Progress(self.plan.total_steps, start=self.step), torch.zeros((), device=self.device)
-        )
+    def log_window(self, progress: Progress | None = None) -> LogWindow:
+        """A new window of steps to log; a new clock for the rate and ETA at the start and after a
+        rollback (the step count went back)."""
+        progress = progress or Progress(self.plan.total_steps, start=self.step)
+        return LogWindow(progress, torch.zeros((), device=self.device))
 
     def train_step(self, batches) -> torch.Tensor:
         """One optimizer step over accum_steps micro-batches; returns the summed loss (on device)."""
