@@ -27,6 +27,7 @@ from mim.data.segmentation import DEFAULT_IGNORE_INDEX
 from mim.data.shards import ShardSet, open_shards, with_lengths
 from mim.data.streams import spread_subset
 from mim.engine.evaluate import EvaluationSplits, KnnSplits
+from mim.engine.trackers import check_trackers
 from mim.models.arch import ARCH_KEYS, MaeArch, ViTArch
 from mim.models.backbone import Weights
 from mim.models.registry import model_args
@@ -193,6 +194,7 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
     check_data(config.data)
     check_optim(config.optim, config.schedule)
     check_run(config.run)
+    check_trackers(config.log)
     check_target(config.target, arch)
     check_transforms(config)
     try:
@@ -311,6 +313,7 @@ def check_classify(config: ClassifyConfig) -> ClassifyInputs:
     )
     check_transforms(config)
     check_run(config.run)
+    check_trackers(config.log)
     shards = _open_split("data.train", config.data.train, read_policy(config.data))
     val_shards = _open_split("data.val", config.data.val, read_policy(config.data))
     num_classes = config.model.num_classes or len(shards.classes)

@@ -247,6 +247,19 @@ class LogConfig:
     recon_every: int = key(
         5000, "steps between reconstruction grids in TensorBoard; 0: never", bounds=">= 0", stages=(PRETRAIN,)
     )
+    wandb: str = key(
+        "", "Weights & Biases project that also gets the scalars, pictures and config (mim-mae[wandb]); empty: off"
+    )
+    wandb_entity: str = key("", "W&B team or user the project belongs to; empty: the API key's default")
+    wandb_mode: Literal["", "online", "offline"] = key(
+        "", "online, or offline (files in run.dir/wandb, uploaded later by `wandb sync`); empty: W&B's own default"
+    )
+    mlflow: str = key(
+        "",
+        "MLflow tracking URI that also gets the scalars, pictures and config (http://HOST:5000, "
+        "file:PATH, ...; mim-mae[mlflow]); empty: off",
+    )
+    mlflow_experiment: str = key("mim", "MLflow experiment the run is logged under")
 
 
 @dataclass
@@ -313,4 +326,4 @@ class StageConfig:
     schedule: ScheduleConfig = section(ScheduleConfig, "warm-up and cosine lr schedule")
     deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "ZeRO, precision, compilation")
     run: RunConfig = section(RunConfig, "run directory, checkpoints, stopping")
-    log: LogConfig = section(LogConfig, "console and TensorBoard")
+    log: LogConfig = section(LogConfig, "console, TensorBoard, W&B and MLflow")

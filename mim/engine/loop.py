@@ -79,6 +79,7 @@ class Loop:
         self.step_seconds = float("nan")  # of the steps since the last log line
         self.step = self.saved_step = 0
         self.last_loss: float | None = None
+        self.reason = ""  # why the loop stopped (Outcome.reason), once it has
         self.bad_by_shard = BadSamples()  # this rank's, per shard file
         run = self.config.run
         self.rollbacks = Rollbacks(session.run_dir, self.env.is_main)
@@ -126,6 +127,7 @@ class Loop:
                 self.watchdog.stop()
             if self.stop is not None:
                 self.stop.settle()
+        self.reason = reason
         for callback in self.callbacks:
             callback.after_loop(self)
         if is_partitioned(self.engine):

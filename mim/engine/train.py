@@ -13,6 +13,7 @@ from mim.engine.loop import Loop, Outcome
 from mim.engine.session import Session
 from mim.engine.state import CheckpointManager, RngState
 from mim.engine.task import Task
+from mim.engine.trackers import trackers
 from mim.runtime import StopSignal
 
 
@@ -37,6 +38,8 @@ def train(task: Task, env: DistEnv, device: torch.device, stop: StopSignal | Non
     callbacks: list[Callback] = []
     if env.is_main and config.log.tensorboard:
         callbacks.append(TensorBoard(session.run_dir))
+    if env.is_main:
+        callbacks += trackers(config, session.run_dir)
     callbacks += task.callbacks(session)
     loop = Loop(session, task, data, checkpoints, callbacks, stop)
     checkpoints.add_rank_part("bad_samples", loop.bad_by_shard)

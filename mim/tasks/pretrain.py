@@ -25,6 +25,7 @@ from mim.engine.optim import param_groups
 from mim.engine.session import Session
 from mim.engine.state import CheckpointManager, shared_tensors
 from mim.engine.task import Task
+from mim.engine.trackers import wants_pictures
 from mim.meta import CheckpointMeta
 from mim.models.arch import ARCH_DEFAULTS, MaeArch
 from mim.models.backbone import Weights
@@ -143,7 +144,7 @@ class Pretrain(Task):
         config, callbacks = self.config, []
         bf16 = session.precision == "bf16"
         pictures = None
-        if config.log.tensorboard and (config.log.recon_every or self.init is not None):
+        if wants_pictures(config.log) and (config.log.recon_every or self.init is not None):
             pictures = Pictures(self, self.objective.target.predicts_pixels)
         if self.init is not None and pictures is not None:  # its loss is of the pictures' fixed batch
             callbacks.append(InitLoss(self, pictures))

@@ -35,14 +35,14 @@ def args(run_dir, shards, *overrides):
     ]
 
 
-def start(run_dir, shards, *overrides):
-    """A pretraining process in the background; its output goes to a file (an unread pipe would
-    fill up and stall it)."""
+def start(run_dir, shards, *overrides, **env):
+    """A pretraining process in the background (ENV added to its environment); its output goes to a
+    file (an unread pipe would fill up and stall it)."""
     log_file = open(run_dir.parent / f"{run_dir.name}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", *args(run_dir, shards, *overrides)],
         cwd=REPO,
-        env=cli_env(),
+        env=cli_env(**env),
         stdout=log_file,
         stderr=subprocess.STDOUT,
         text=True,
