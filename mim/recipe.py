@@ -22,6 +22,7 @@ from mim.config import (
 )
 from mim.data.holdout import Holdout
 from mim.data.members import check_keys
+from mim.data.pixels import check_pixels
 from mim.data.reading import ReadPolicy, ShardUnreadable
 from mim.data.segmentation import DEFAULT_IGNORE_INDEX
 from mim.data.shards import ShardSet, open_shards, with_lengths
@@ -125,9 +126,6 @@ def check_data(data: DataConfig) -> None:
         len(data.crop_scale) == 2 and data.crop_scale[0] <= data.crop_scale[1],
         f"data.crop_scale must be [low, high] with low <= high, got {data.crop_scale}",
     )
-    for key in ("mean", "std"):
-        values = getattr(data, key)
-        require(len(values) in (1, 3), f"data.{key} needs 1 or 3 values, got {values}")
 
 
 def read_policy(data: DataConfig) -> ReadPolicy:
@@ -174,11 +172,12 @@ def check_run(run: RunConfig) -> Path:
 
 
 def check_init(init_from: str, arch: MaeArch) -> Weights | None:
-    """Weights to start pretraining from (init.from); their encoder must have this run's shape."""
+    """Weights to start pretraining from (init.from); their encoder must have this run's shape, but
+    for its bands (the patch embedding is adapted: mim.models.backbone.adapt_patch_embedding)."""
     if not init_from:
         return None
     weights = load_weights(init_from)
-    compared = [k for k in ARCH_KEYS if k != "img_size" and k not in weights.guessed]
+    compared = [k for k in ARCH_KEYS if k not in ("img_size", "in_chans") and k not in weights.guessed]
     mismatched = {k: (weights.arch[k], arch[k]) for k in compared if weights.arch[k] != arch[k]}
     require(
         not mismatched,
@@ -195,12 +194,15 @@ def check_pretrain(config: PretrainConfig) -> tuple[dict[str, Any], ShardSet]:
     check_optim(config.optim, config.schedule)
     check_run(config.run)
     check_trackers(config.log)
-    check_target(config.target, arch)
-    check_transforms(config)
     try:
         shards = open_shards(config.data.train, read_policy(config.data))
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"data.train: {error}") from None
+    if config.model.in_chans is None and shards.pixels is not None:
+        arch["in_chans"] = shards.pixels["bands"]  # the model follows the data
+    check_pixels(config.data, shards, arch["in_chans"])
+    check_target(config.target, arch)
+    check_transforms(config)
     require(
         shards.num_samples is not None or config.data.samples_per_epoch is not None,
         f"data.train {config.data.train!r} has no sample counts (an _info.json, info.json, sizes.json or "
@@ -316,6 +318,13 @@ def check_classify(config: ClassifyConfig) -> ClassifyInputs:
     check_trackers(config.log)
     shards = _open_split("data.train", config.data.train, read_policy(config.data))
     val_shards = _open_split("data.val", config.data.val, read_policy(config.data))
+    check_pixels(config.data, shards, arch["in_chans"])
+    randaug = getattr(config.data, "randaug", "")  # finetune's
+    require(
+        not randaug or arch["in_chans"] in (1, 3),
+        f"data.randaug={randaug!r} works on grey or RGB images; this model takes "
+        f"{arch['in_chans']} bands: set data.randaug=''",
+    )
     num_classes = config.model.num_classes or len(shards.classes)
     require(
         num_classes > 0,

@@ -21,7 +21,13 @@ RECONSTRUCTION_TITLES = ["original", "masked", "reconstruction", "reconstruction
 
 
 def _to_pixels(normalized: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Normalised images -> what a picture shows in [0, 1]: grey and RGB un-normalised; other band
+    counts their first three bands (or first one, for two), each stretched from its mean - 2 std to
+    its mean + 2 std (band values need not lie in [0, 1])."""
     channels = normalized.shape[1]
+    if channels not in (1, 3):
+        shown = normalized[:, : 3 if channels > 3 else 1].float().cpu()
+        return (shown / 4 + 0.5).clamp(0, 1)
     mean_t = torch.tensor((mean * channels)[:channels] if len(mean) == 1 else mean[:channels]).view(
         1, -1, 1, 1
     )
@@ -62,7 +68,8 @@ def reconstruction_grid(
     masked = original * (1 - pixel_mask)
     pasted = original * (1 - pixel_mask) + reconstruction * pixel_mask
     panels = [_to_pixels(t, mean, std) for t in (original, masked, reconstruction, pasted)]
-    panels[1] = panels[1] * (1 - pixel_mask.cpu()) + 0.5 * pixel_mask.cpu()  # removed patches in grey
+    shown_mask = pixel_mask[:, : panels[1].shape[1]].cpu()
+    panels[1] = panels[1] * (1 - shown_mask) + 0.5 * shown_mask  # removed patches in grey
     hidden = int(mask.sum(1).float().mean().item())
     heading = (
         f"MAE reconstructions{' of ' + what if what else ''}: mask ratio {mask_ratio:g}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from mim.data.foreign import webdataset_source
 from mim.data.members import DEFAULT_IMAGE_KEY, DEFAULT_LABEL_KEY
 from mim.data.shards import write_shards
 from mim.data.sources import Source, open_source
+from mim.data.stats import add_to_index, pixel_stats
 from mim.errors import UserInputError
 from pipelines.common import reports_user_errors
 
@@ -73,6 +75,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="write only this many samples: a seeded random subset (the first ones with --no-shuffle)",
     )
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="also compute the per-band mean and std of the pixels into _info.json (the stages' "
+        "normalisation when data.mean/data.std are null); refuses a split of mixed band counts",
+    )
     return parser.parse_args(argv)
 
 
@@ -125,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             limit=args.limit,
         )
     print(f"wrote {total} samples in {-(-total // args.shard_size)} shards: {info}")
+    if args.stats:
+        urls = [str(args.out / entry["name"]) for entry in json.loads(info.read_text())["shards"]]
+        with tqdm(total=total, unit="img", desc="stats", file=sys.stderr) as bar:
+            pixels = pixel_stats(urls, DEFAULT_IMAGE_KEY, bar.update)
+        add_to_index(info, pixels)
+        print(f"{pixels['bands']} band(s): mean {pixels['mean']}, std {pixels['std']} -> {info}")
     return 0
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from mim.errors import UserInputError
 
-DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp;bmp;gif;tif;tiff;ppm"  # data.image_key (mim.data.members)
+DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp;bmp;gif;tif;tiff;ppm;npy"  # data.image_key (mim.data.members)
 DEFAULT_LABEL_KEY = "cls"  # data.label_key: what `mim shards` writes
 DEFAULT_MASK_KEY = "seg.png;mask.png"  # data.mask_key: `mim shards` writes seg.png
 

@@ -32,7 +32,12 @@ class EncoderGeometry:
     patch_size: int | None = key(
         None, "patch side in pixels; null: the variant's (or the backbone's)", bounds=">= 1"
     )
-    in_chans: Literal[1, 3] | None = key(None, "image channels, 1 (grey) or 3 (RGB); null: the variant's")
+    in_chans: int | None = key(
+        None,
+        "image bands: 1 grey, 3 RGB, any count for arrays and multi-band images; null: the training "
+        "data's (`mim shards --stats`), else the variant's (or the backbone's)",
+        bounds=">= 1",
+    )
     embed_dim: int | None = key(None, "encoder width; null: the variant's (or the backbone's)", bounds=">= 4")
     depth: int | None = key(None, "encoder blocks; null: the variant's (or the backbone's)", bounds=">= 1")
     num_heads: int | None = key(None, "encoder attention heads; null: the variant's", bounds=">= 1")
@@ -98,9 +103,13 @@ class DataConfig:
         per_stage={LINPROBE: [0.08, 1.0], FINETUNE: [0.08, 1.0]},
     )
     hflip: bool = key(True, "random horizontal flips of the training view")
-    mean: list[float] = key([0.485, 0.456, 0.406], "per-channel mean for normalisation (1 or 3 values)")
-    std: list[float] = key(
-        [0.229, 0.224, 0.225], "per-channel std for normalisation (1 or 3 values)", bounds="> 0"
+    mean: list[float] | None = key(
+        None,
+        "per-band mean for normalisation, in pixel units (8-bit: [0, 1]), 1 value or one per band; "
+        "null: the training shards' (`mim shards --stats`), else ImageNet's for grey and RGB",
+    )
+    std: list[float] | None = key(
+        None, "per-band std for normalisation, as data.mean; null: as data.mean", bounds="> 0"
     )
     max_bad_fraction: float = key(
         0.01, "stop when more than this fraction of the samples read is unreadable", bounds="[0, 1)"

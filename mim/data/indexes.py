@@ -35,6 +35,7 @@ class Index:
     lengths: list[int]
     classes: list[str]
     ignore_index: int | None = None  # segmentation shards (mim's _info.json)
+    pixels: dict | None = None  # per-band stats of `mim shards --stats`: bands, mean, std (mim.data.pixels)
 
 
 def checked_name(name: object) -> str:
@@ -93,6 +94,7 @@ def parse_index(text: bytes, where: str, split: str | None = None) -> Index:
             lengths,
             [str(c) for c in info.get("classes", [])],
             None if ignore is None else int(ignore),
+            _pixels(info.get("pixels") if isinstance(info, dict) else None, where),
         )
     except UserInputError:
         raise
@@ -102,6 +104,26 @@ def parse_index(text: bytes, where: str, split: str | None = None) -> Index:
             "(shards, or splits with filenames and shard_lengths), or open_clip's sizes.json"
             + (f" with a split {split!r}" if split else "")
         ) from None
+
+
+def _pixels(pixels: object, where: str) -> dict | None:
+    """The index's per-band stats, checked: as many means and stds as bands, the stds positive."""
+    if pixels is None:
+        return None
+    try:
+        bands, mean, std = (
+            int(pixels["bands"]),
+            [float(m) for m in pixels["mean"]],
+            [float(s) for s in pixels["std"]],
+        )
+    except (KeyError, TypeError, ValueError):
+        raise UserInputError(f"{where}: its pixels entry {pixels!r} is not {{bands, mean, std}}") from None
+    if not (len(mean) == len(std) == bands >= 1) or min(std) <= 0:
+        raise UserInputError(
+            f"{where}: its pixels entry does not match its bands: {bands} band(s), {len(mean)} mean(s), "
+            f"{len(std)} std(s) (each above 0); rerun `mim shards --stats`"
+        )
+    return {"bands": bands, "mean": mean, "std": std}
 
 
 def _timm_split(splits: dict, where: str, split: str | None) -> tuple[list[str], list[int]]:

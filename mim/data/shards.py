@@ -45,6 +45,7 @@ class ShardSet:
     read: ReadPolicy = DEFAULT_READ  # retries for remote shards
     held_out: Holdout | None = None  # samples set aside (eval.holdout): every stream skips them
     ignore_index: int | None = None  # segmentation shards: the mask value no class counts for
+    pixels: dict | None = None  # per-band stats from the index (`mim shards --stats`; mim.data.indexes)
 
     @property
     def num_samples(self) -> int | None:
@@ -306,6 +307,7 @@ def _open_remote(spec: str, split: str | None, read: ReadPolicy) -> ShardSet:
             index.classes,
             read,
             ignore_index=index.ignore_index,
+            pixels=index.pixels,
         )
     urls = list(braceexpand.braceexpand(spec))
     return _with_stats(urls, read, split)
@@ -318,7 +320,7 @@ def _from_index(path: Path, split: str | None, read: ReadPolicy) -> ShardSet:
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}")
-    return ShardSet(urls, index.lengths, index.classes, read, ignore_index=index.ignore_index)
+    return ShardSet(urls, index.lengths, index.classes, read, ignore_index=index.ignore_index, pixels=index.pixels)
 
 
 def _with_stats(urls: list[str], read: ReadPolicy, split: str | None) -> ShardSet:

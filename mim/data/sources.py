@@ -21,7 +21,7 @@ from PIL import Image
 
 from mim.errors import UserInputError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".npy"}  # npy: (H, W[, C]) arrays
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
     "Trouser",

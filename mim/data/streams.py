@@ -60,7 +60,7 @@ def derived_seed(*parts: int) -> int:
 @dataclass(frozen=True)
 class ViewSpec:
     img_size: int
-    mode: str  # "RGB" or "L"
+    mode: str  # "RGB", "L" or "<C>-band" (mim.data.pixels)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
     needs_label: bool = False
@@ -191,7 +191,7 @@ class TrainStream(IterableDataset):
                 try:
                     image, label = _decode_sample(sample, self.spec, view)
                 except BadSample as error:
-                    reader.count_bad(sample.get("__url__", "?"), error)
+                    reader.count_bad(sample.get("__url__", "?"), f"sample {sample.get('__key__')}: {error}")
                     bad += 1
                     if bad == ALL_BAD_SAMPLES and not good:  # nothing usable: waiting would be forever
                         raise TrainingStopped(

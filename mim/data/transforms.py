@@ -1,5 +1,6 @@
 """Decoding and cropping in the data workers. Images stay uint8 (C, H, W) until the training
-process normalises them on its device (`normalize_on_device`).
+process normalises them on its device (`normalize_on_device`); arrays and 16-bit images are float32
+in their units (mim.data.pixels).
 
 The crop is chosen from the image header before decoding; JPEGs whose crop is at least twice the
 output size decode at a reduced DCT scale; the crop is resized with antialiased bicubic
@@ -8,6 +9,7 @@ resampling on uint8 tensors (torch's vectorised kernel, PIL's filter)."""
 from __future__ import annotations
 
 import io
+import logging
 import math
 import random
 import warnings
@@ -19,6 +21,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from mim.data.pixels import BadPixels, bands_of, check_bands, decode_deep, is_array, to_units
+
+log = logging.getLogger(__name__)
 Image.MAX_IMAGE_PIXELS = (
     89_478_485  # PIL's default; refusing larger images guards against decompression bombs
 )
@@ -70,7 +75,17 @@ def decode_region(
     draft; `reduce=False` always decodes at full size), else with torchvision's libjpeg-turbo
     decoder straight into a tensor; other formats through PIL. Full-size decodes give the same
     pixels either way."""
-    image = open_image(payload)
+    image = None if is_array(payload) else open_image(payload)
+    try:
+        deep = decode_deep(payload, image)
+        if deep is not None:  # an array or a 16-bit image: float32 (or uint8 arrays), any band count
+            return check_bands(deep, mode), box_of(deep.shape[2], deep.shape[1])
+    except BadPixels as error:
+        raise BadSample(str(error)) from None
+    except DECODE_ERRORS as error:
+        raise BadSample(f"cannot decode image: {error}") from None
+    if mode not in _TV_MODES:
+        raise BadSample(f"it is an 8-bit {image.mode} image; the model takes {bands_of(mode)} bands (model.in_chans)")
     box = box_of(*image.size)
     scale = reduction_for(image, box, size) if reduce else 1
     try:
@@ -171,13 +186,24 @@ def train_view(
     view = resize_region(pixels, box, size)
     if flip:
         view = view.flip(-1)
-    if extra is not None:
+    if extra is not None and view.dtype != torch.uint8:
+        _skip_once("RandAugment and colour jitter work on 8-bit grey or RGB images: skipped for 16-bit and float bands")
+    elif extra is not None:
         # timm's RandAugment draws from the global RNGs (its ops from numpy's, their magnitudes and
         # probabilities from Python's): seeded per sample, so a view depends on the sample alone
         random.seed(rng.getrandbits(64))
         np.random.seed(rng.getrandbits(32))
         view = to_uint8_tensor(extra(Image.fromarray(view.permute(1, 2, 0).squeeze(-1).numpy(), mode)))
     return view
+
+
+_SKIPPED: set[str] = set()
+
+
+def _skip_once(message: str) -> None:
+    if message not in _SKIPPED:
+        _SKIPPED.add(message)
+        log.warning("%s", message)
 
 
 def eval_view(
@@ -191,10 +217,10 @@ def eval_view(
 def normalize_on_device(
     images: torch.Tensor, mean: list[float], std: list[float], dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """uint8 (N, C, H, W) on any device -> normalised float; mean/std are given per channel in
-    [0, 1] units (a single value broadcasts)."""
+    """uint8 or float (N, C, H, W) on any device -> normalised float; mean/std are given per band in
+    pixel units (mim.data.pixels; a single value broadcasts)."""
     channels = images.shape[1]
     mean_t = torch.tensor(mean[:channels] if len(mean) >= channels else mean * channels, device=images.device)
     std_t = torch.tensor(std[:channels] if len(std) >= channels else std * channels, device=images.device)
-    scaled = images.float().div_(255.0)
+    scaled = to_units(images)
     return ((scaled - mean_t.view(1, -1, 1, 1)) / std_t.view(1, -1, 1, 1)).to(dtype)

@@ -126,3 +126,10 @@ def load_encoder(
             f"unexpected {sorted(unexpected - allowed_unexpected)}"
         )
     return {"missing": sorted(missing), "unexpected": sorted(unexpected)}
+
+
+def adapt_patch_embedding(weight: torch.Tensor, bands: int) -> torch.Tensor:
+    """A patch embedding (D, C, p, p) for images of C bands made to take `bands` bands: each band's
+    filter is the mean of the C filters times C / bands, so an image that is the same in every band
+    embeds as it did (grey in RGB weights, say); the bands are told apart by training."""
+    return (weight.mean(1, keepdim=True) * (weight.shape[1] / bands)).expand(-1, bands, -1, -1).contiguous()

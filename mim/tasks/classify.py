@@ -16,6 +16,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 
 from mim.config import ConfigError, FinetuneConfig, LinprobeConfig, require
+from mim.data.pixels import mode_for
 from mim.data.streams import ViewSpec, eval_spec
 from mim.distributed import all_reduce_sum
 from mim.engine.callbacks import Callback
@@ -55,7 +56,7 @@ class ClassifyTask(Task):
         self.optimizer = config.optim.optimizer
         self.view_spec = ViewSpec(
             inputs.arch["img_size"],
-            "L" if inputs.arch["in_chans"] == 1 else "RGB",
+            mode_for(inputs.arch["in_chans"]),
             tuple(config.data.crop_scale),
             config.data.hflip,
             needs_label=True,

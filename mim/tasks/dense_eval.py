@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mim.data.loaders import eval_loader
+from mim.data.pixels import to_units
 from mim.data.segmentation import as_lists
 from mim.data.shards import ShardSet
 from mim.data.streams import EvalStream, ViewSpec
@@ -179,7 +180,7 @@ def segmentation_picture(
     """Rows of image | ground truth | prediction with a legend of the classes' colours."""
     colours = class_colours(len(classes))
     columns = [
-        images.float() / 255,
+        to_units(images)[:, : 3 if images.shape[1] >= 3 else 1].clamp(0, 1),  # the first bands of others
         torch.stack([label_picture(mask, colours, ignore_index) for mask in masks]),
         torch.stack([label_picture(p, colours, ignore_index) for p in predictions]),
     ]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mim.config import ConfigError, PretrainConfig
+from mim.data.pixels import mode_for
 from mim.data.shards import ShardSet
 from mim.data.streams import ViewSpec, derived_seed
 from mim.engine.callbacks import Callback
@@ -28,7 +29,7 @@ from mim.engine.task import Task
 from mim.engine.trackers import wants_pictures
 from mim.meta import CheckpointMeta
 from mim.models.arch import ARCH_DEFAULTS, MaeArch
-from mim.models.backbone import Weights
+from mim.models.backbone import Weights, adapt_patch_embedding
 from mim.models.mae import MaskedAutoencoderViT
 from mim.models.transforms import apply_transforms
 from mim.recipe import check_init, check_monitor, check_pretrain
@@ -49,11 +50,22 @@ class PretrainInputs:
     monitor_splits: KnnSplits | None
 
 
+PATCH_EMBEDDING = "patch_embed.proj.weight"
+
+
 def initialize_from(model: MaskedAutoencoderViT, weights: Weights) -> dict:
     """Loads what `weights` has (encoder, and decoder when present and of the same shape); the
     rest keeps its fresh initialisation. Fixed sin-cos positions are recomputed for this geometry."""
     own = model.state_dict()
     available = {**weights.state, **weights.decoder}
+    embedding, theirs = available.get(PATCH_EMBEDDING), weights.arch["in_chans"]
+    if embedding is not None and theirs != model.in_chans:
+        available[PATCH_EMBEDDING] = adapt_patch_embedding(embedding, model.in_chans)
+        log.info(
+            "init.from %s takes %d band(s) and this model %d: each band's patch filter starts as the "
+            "mean of its %d filters times %d/%d (mim.models.backbone.adapt_patch_embedding)",
+            weights.source, theirs, model.in_chans, theirs, theirs, model.in_chans,
+        )  # fmt: skip
     loadable = {
         k: v
         for k, v in available.items()
@@ -62,13 +74,14 @@ def initialize_from(model: MaskedAutoencoderViT, weights: Weights) -> dict:
     model.load_state_dict(loadable, strict=False)
     new = sorted(k for k in own if k not in loadable and k not in FIXED_POSITIONS)
     ignored = sorted(k for k in available if k not in loadable and k not in FIXED_POSITIONS)
-    return {"source": weights.source, "num_loaded": len(loadable), "new": new, "ignored": ignored}
+    done = {"source": weights.source, "num_loaded": len(loadable), "new": new, "ignored": ignored}
+    return done | ({"bands_adapted": [theirs, model.in_chans]} if theirs != model.in_chans else {})
 
 
 def pretrain_view_spec(arch: MaeArch, config: PretrainConfig) -> ViewSpec:
     return ViewSpec(
         img_size=arch["img_size"],
-        mode="L" if arch["in_chans"] == 1 else "RGB",
+        mode=mode_for(arch["in_chans"]),
         crop_scale=tuple(config.data.crop_scale),
         hflip=config.data.hflip,
         reduced_decode=config.data.reduced_decode,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mim.config import SegprobeConfig
+from mim.data.pixels import mode_for
 from mim.data.segmentation import SegmentSpec, resize_image, resize_mask
 from mim.data.streams import EvalStream, ViewSpec, eval_spec
 from mim.engine.callbacks import Callback
@@ -48,7 +49,7 @@ class Segprobe(ClassifyTask):
         )
         self.view_spec = ViewSpec(
             size,
-            "L" if inputs.arch["in_chans"] == 1 else "RGB",
+            mode_for(inputs.arch["in_chans"]),
             hflip=config.data.hflip,
             image_key=config.data.image_key,
             segment=self.segment,
