@@ -257,11 +257,13 @@ class LogConfig:
         5000, "steps between reconstruction grids in TensorBoard; 0: never", bounds=">= 0", stages=(PRETRAIN,)
     )
     wandb: str = key(
-        "", "Weights & Biases project that also gets the scalars, pictures and config (mim-mae[wandb]); empty: off"
+        "",
+        "Weights & Biases project that also gets the scalars, pictures and config (mim-mae[wandb]); empty: off",
     )
     wandb_entity: str = key("", "W&B team or user the project belongs to; empty: the API key's default")
     wandb_mode: Literal["", "online", "offline"] = key(
-        "", "online, or offline (files in run.dir/wandb, uploaded later by `wandb sync`); empty: W&B's own default"
+        "",
+        "online, or offline (files in run.dir/wandb, uploaded later by `wandb sync`); empty: W&B's own default",
     )
     mlflow: str = key(
         "",

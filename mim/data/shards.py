@@ -320,7 +320,9 @@ def _from_index(path: Path, split: str | None, read: ReadPolicy) -> ShardSet:
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}")
-    return ShardSet(urls, index.lengths, index.classes, read, ignore_index=index.ignore_index, pixels=index.pixels)
+    return ShardSet(
+        urls, index.lengths, index.classes, read, ignore_index=index.ignore_index, pixels=index.pixels
+    )
 
 
 def _with_stats(urls: list[str], read: ReadPolicy, split: str | None) -> ShardSet:

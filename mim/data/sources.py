@@ -21,7 +21,8 @@ from PIL import Image
 
 from mim.errors import UserInputError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".npy"}  # npy: (H, W[, C]) arrays
+# .npy: (H, W) or (H, W, C) arrays of any band count (mim.data.pixels)
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".npy"}
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
     "Trouser",

@@ -31,9 +31,12 @@ def pixel_stats(urls: list[str], image_key: str, on_image: Callable[[], None] = 
                 if pixels is None:
                     mode = mode or ("L" if image.mode in ("L", "LA", "1") else "RGB")
                     pixels = to_uint8_tensor(image.convert(mode) if image.mode != mode else image)
-                stats.add(pixels, name)
             except (BadPixels, BadSample, OSError, ValueError) as error:
                 raise UserInputError(f"{name}: {error}") from None
+            try:
+                stats.add(pixels, name)
+            except BadPixels as error:  # it names both images
+                raise UserInputError(str(error)) from None
             on_image()
     if stats.bands is None:
         raise UserInputError(f"no image in {urls[0] if urls else 'the shards'}: no stats to compute")

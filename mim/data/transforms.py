@@ -85,7 +85,9 @@ def decode_region(
     except DECODE_ERRORS as error:
         raise BadSample(f"cannot decode image: {error}") from None
     if mode not in _TV_MODES:
-        raise BadSample(f"it is an 8-bit {image.mode} image; the model takes {bands_of(mode)} bands (model.in_chans)")
+        raise BadSample(
+            f"it is an 8-bit {image.mode} image; the model takes {bands_of(mode)} bands (model.in_chans)"
+        )
     box = box_of(*image.size)
     scale = reduction_for(image, box, size) if reduce else 1
     try:
@@ -187,7 +189,9 @@ def train_view(
     if flip:
         view = view.flip(-1)
     if extra is not None and view.dtype != torch.uint8:
-        _skip_once("RandAugment and colour jitter work on 8-bit grey or RGB images: skipped for 16-bit and float bands")
+        _skip_once(
+            "RandAugment and colour jitter work on 8-bit grey or RGB images: skipped for 16-bit and float bands"
+        )
     elif extra is not None:
         # timm's RandAugment draws from the global RNGs (its ops from numpy's, their magnitudes and
         # probabilities from Python's): seeded per sample, so a view depends on the sample alone
