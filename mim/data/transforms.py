@@ -188,10 +188,8 @@ def train_view(
     view = resize_region(pixels, box, size)
     if flip:
         view = view.flip(-1)
-    if extra is not None and view.dtype != torch.uint8:
-        _skip_once(
-            "RandAugment and colour jitter work on 8-bit grey or RGB images: skipped for 16-bit and float bands"
-        )
+    if extra is not None and (view.dtype != torch.uint8 or view.shape[0] not in (1, 3)):
+        _skip_once("RandAugment and colour jitter work on 8-bit grey or RGB images: skipped for these bands")
     elif extra is not None:
         # timm's RandAugment draws from the global RNGs (its ops from numpy's, their magnitudes and
         # probabilities from Python's): seeded per sample, so a view depends on the sample alone

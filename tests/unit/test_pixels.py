@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from mim.config import ConfigError, DataConfig
+from mim.data import transforms
 from mim.data.indexes import parse_index
 from mim.data.pixels import BadPixels, PixelStats, check_pixels
 from mim.data.shards import ShardSet
@@ -131,3 +132,17 @@ def test_an_adapted_patch_embedding_embeds_an_image_alike_in_every_band_as_befor
         assert adapted.shape == (32, bands, 7, 7)
         after = torch.nn.functional.conv2d(flat.expand(-1, bands, -1, -1), adapted, stride=7)
         assert torch.allclose(before, after, rtol=1e-12, atol=1e-12)
+
+
+def test_rgb_only_augmentations_are_skipped_on_deep_images_with_a_warning(caplog, monkeypatch):
+    monkeypatch.setattr(transforms, "_SKIPPED", set())  # warned once per process: not yet in this one
+    array = np.random.default_rng(4).integers(0, 65536, (20, 20), dtype=np.uint16)
+
+    def augmentation(image):
+        raise AssertionError("an RGB augmentation was given a 16-bit image")
+
+    with caplog.at_level("WARNING"):
+        plain = train_view(npy(array), "L", 16, random.Random(0), (0.5, 1.0), True)
+        view = train_view(npy(array), "L", 16, random.Random(0), (0.5, 1.0), True, extra=augmentation)
+    assert torch.equal(view, plain)
+    assert "RandAugment and colour jitter work on 8-bit grey or RGB images" in caplog.text
