@@ -245,6 +245,17 @@ def to_tree(config: Any, stage: str | None = None) -> dict[str, Any]:
     return tree
 
 
+def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config tree as its dotted keys (`optim.lr`) and their values."""
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
 def config_path(spec: str | Path) -> Path:
     """`--config`: a YAML file, else a recipe name (`pretrain/mae_vit_base_p16`, with or without
     `.yaml`, with or without a leading `configs/`, so the README's commands work from anywhere)."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mim.config.declare import ConfigError
-from mim.config.loading import to_tree
+from mim.config.loading import dotted, to_tree
 from mim.engine.callbacks import Callback
 from mim.files import atomic_write_text
 
@@ -211,7 +211,7 @@ class MlflowTracker(Tracker):
         a resumed run's config, changed or not, is its config.yaml artifact)."""
         from mlflow.entities import Param
 
-        flat = [Param(name, str(value)[:500]) for name, value in flatten(tree).items()]
+        flat = [Param(name, str(value)[:500]) for name, value in dotted(tree).items()]
         for start in range(0, len(flat), 100):  # MLflow's most params per batch
             self.client.log_batch(self.run_id, params=flat[start : start + 100])
 
@@ -234,13 +234,3 @@ def wandb_flush(wandb: Any) -> dict[str, float]:
     """The setting that has W&B write its run file every WANDB_FLUSH_SECONDS, where this W&B has it."""
     name = "x_transaction_log_flush_interval"
     return {name: WANDB_FLUSH_SECONDS} if name in getattr(wandb.Settings, "model_fields", {}) else {}
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{name}."))
-        else:
-            flat[f"{prefix}{name}"] = value
-    return flat

@@ -21,21 +21,13 @@ from mim.config import (
     to_tree,
     write_config,
 )
+from mim.config.loading import dotted
 from mim.config_help import markdown_page
 from pipelines import cli
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_KEYS = [(stage, info) for stage in STAGES for info in stage_keys(stage)]
 
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{name}."))
-        else:
-            out[f"{prefix}{name}"] = value
-    return out
 
 
 def _outside(bounds: str) -> float:
@@ -141,7 +133,7 @@ def test_each_stage_defaults_to_the_papers_protocol():
 def test_the_resolved_config_holds_the_stage_keys_and_reloads(tmp_path, stage):
     config = load_config(SCHEMAS[stage], None, ["run.seed=3"])
     write_config(config, tmp_path / "config.yaml")
-    written = set(_flat(load_yaml_chain(tmp_path / "config.yaml")))
+    written = set(dotted(load_yaml_chain(tmp_path / "config.yaml")))
     assert written == {info.name for info in stage_keys(stage)}
     assert load_config(SCHEMAS[stage], tmp_path / "config.yaml", []) == config
 
@@ -157,10 +149,10 @@ def _stage_of(recipe: Path) -> str:
 def test_recipes_load_and_say_only_what_differs_from_the_defaults(recipe):
     stage = _stage_of(recipe)
     load_config(SCHEMAS[stage], recipe, [])
-    defaults = _flat(to_tree(load_config(SCHEMAS[stage], None, [])))
+    defaults = dotted(to_tree(load_config(SCHEMAS[stage], None, [])))
     repeated = {
         key: value
-        for key, value in _flat(load_yaml_chain(recipe)).items()
+        for key, value in dotted(load_yaml_chain(recipe)).items()
         if key != "model.name" and defaults.get(key) == value
     }
     assert not repeated, f"{recipe} repeats the stage's defaults {repeated}"
